@@ -1,0 +1,7 @@
+"""``python -m WeakLiverSegLib`` = ``weakliverseg`` (what Slicer's PythonSlicer runs)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

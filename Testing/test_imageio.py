@@ -444,3 +444,14 @@ def test_check_same_grid_describes_the_mismatch(small_volume):
         imageio.check_same_grid(reference, small_volume(shape_zyx=(6, 7, 9)), "x")
     with pytest.raises(InputError, match="direction differs"):
         imageio.check_same_grid(reference, small_volume(direction=np.eye(3)), "x")
+
+
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_nan_voxels_in_nifti_are_reported(tmp_path, ext):
+    # ITK's NIfTI reader turns NaN into 0 silently; read_image must still refuse the file.
+    array = np.ones((4, 5, 6), np.float32)
+    array[1, 2, 3] = np.nan
+    path = tmp_path / f"nan{ext}"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    with pytest.raises(InputError, match=r"nan.*1 voxels are NaN or infinite"):
+        imageio.read_image(path)

@@ -46,6 +46,7 @@ def read_image(path) -> Volume:
         image_io = reader.GetImageIOFromFileName(str(path))
         if image_io == "NiftiImageIO":
             _check_nifti_complete(path)
+            _check_nifti_finite(path)
         image = reader.Execute()
     except RuntimeError as exc:
         raise InputError(f"{path}: cannot read image, the file is corrupt or not a NIfTI/NRRD/MHA/DICOM image ({_first_line(exc)})") from None
@@ -83,6 +84,33 @@ def _check_nifti_complete(path: Path) -> None:
             pass
     if actual < expected:
         raise InputError(f"{path}: NIfTI file is truncated or corrupt ({actual} bytes of image data and header, {expected} expected)")
+
+
+def _check_nifti_finite(path: Path) -> None:
+    """ITK 5.4's NIfTI reader silently turns NaN/inf voxels into 0: look at float data ourselves."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    try:
+        with opener(path, "rb") as stream:
+            header = stream.read(348)
+            for endian in "<>":
+                if len(header) == 348 and struct.unpack(endian + "i", header[:4])[0] == 348 and header[344:347] == b"n+1":
+                    datatype = struct.unpack(endian + "h", header[70:72])[0]
+                    offset = int(struct.unpack(endian + "f", header[108:112])[0])
+                    break
+            else:
+                return  # NIfTI-2 or a pair of files: ITK's own reading applies
+            dtype = {16: "f4", 64: "f8"}.get(datatype)
+            if dtype is None:
+                return  # integer data cannot hold NaN
+            stream.read(max(0, offset - 348))
+            bad = 0
+            while chunk := stream.read(1 << 24):
+                usable = len(chunk) - len(chunk) % np.dtype(dtype).itemsize
+                bad += int((~np.isfinite(np.frombuffer(chunk[:usable], dtype=endian + dtype))).sum())
+    except (OSError, EOFError, zlib.error):
+        return  # unreadable: ITK's own error message follows
+    if bad:
+        raise InputError(f"{path}: {bad} voxels are NaN or infinite; fix or mask them before use")
 
 
 def _nifti_expected_size(header: bytes) -> int | None:

@@ -17,10 +17,6 @@ from . import __version__
 from .errors import Cancelled, InputError
 
 
-def _mix(text):
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="weakliverseg", description=__doc__.splitlines()[0])
     p.add_argument("--version", action="version", version=f"weakliverseg {__version__}")
@@ -45,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--plain-contrast", type=float, help="tumour minus liver HU in the non-enhanced phase")
     sp.add_argument("--enhanced-contrast", type=float, help="tumour minus liver HU in the enhanced phase")
     sp.add_argument("--healthy-fraction", type=float)
-    sp.add_argument("--mix", type=_mix, help="label mix, e.g. strong=0.3,box=0.6,test=0.1 "
+    sp.add_argument("--mix", help="label mix, e.g. strong=0.3,box=0.6,test=0.1 "
                     "(keys: strong, box, couinaud, volume, unlabelled, test)")
     sp.add_argument("--preview", action="store_true", help="also write preview.png, a montage of cases")
     progress_arg(sp)
@@ -167,8 +163,8 @@ def cmd_train(args, progress):
     from .store import Dataset
     from .training import select_device
 
-    recipe = recipes.get(args.recipe)
     ds = Dataset.load(args.dataset)
+    recipe = recipes.get(args.recipe)
     device = select_device(args.device)
     config = _load_config(args)
     if args.steps is not None:

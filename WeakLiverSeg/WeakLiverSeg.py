@@ -1,0 +1,563 @@
+"""WeakLiverSeg: weakly-supervised liver and liver-tumour segmentation in 3D Slicer.
+
+This file is the Slicer glue only: the module description, a thin widget that forwards
+every click to ``WeakLiverSegLib.slicer_logic.WeakLiverSegLogic``, the parameter node and the
+self-test.  All behaviour (stores, boxes, commands, result loading) lives in the library.
+"""
+
+import os
+import pathlib
+import sys
+import tempfile
+from typing import Annotated
+
+import qt
+import slicer
+import vtk
+from slicer import vtkMRMLScalarVolumeNode, vtkMRMLSegmentationNode, vtkMRMLTableNode
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+
+def _addLibraryToPath():
+    """Make ``WeakLiverSegLib`` importable: installed next to this file, or one folder up in a source checkout."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for folder in (here, os.path.dirname(here)):
+        if os.path.isfile(os.path.join(folder, "WeakLiverSegLib", "__init__.py")):
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
+            return
+
+
+_addLibraryToPath()
+
+from WeakLiverSegLib import slicer_logic  # noqa: E402  (standard library only: safe before the dependency check)
+
+COUINAUD = range(1, 9)
+
+
+#
+# WeakLiverSeg
+#
+
+
+class WeakLiverSeg(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "WeakLiverSeg"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["WeakLiverSeg contributors"]
+        self.parent.helpText = """
+Weakly-supervised liver and liver-tumour segmentation.
+<ol>
+<li><b>Inputs</b>: the CT volume (or the contrast-enhanced phase) and, optionally, the registered
+non-enhanced phase; optionally a segmentation holding <i>Liver</i> / <i>Liver tumor</i> segments drawn in the Segment Editor.</li>
+<li><b>Annotate</b>: <i>Add tumour box</i> / <i>Add liver box</i> place a box with two clicks (centre, then corner),
+in 2D (one slice) or 3D; tick the Couinaud segments holding tumour or choose a volume-level label.</li>
+<li><b>Dataset</b>: <i>Add case to dataset</i> writes volume(s), mask, boxes and labels into a weak-label store folder
+(never replacing an existing case without asking).</li>
+<li><b>Train</b>: <i>Train</i> / <i>Fine-tune</i> run <code>weakliverseg train</code> in a background process with a progress bar;
+<i>Cancel</i> stops it and all its child processes.</li>
+<li><b>Segment</b>: runs the model on the input volume and loads a segmentation with <i>Liver</i> and <i>Liver tumor</i>
+segments, a tumour table and, optionally, probability and uncertainty volumes.</li>
+</ol>
+"""
+        self.parent.acknowledgementText = """
+Implements the methods of five weakly-supervised liver / tumour segmentation papers (organ-to-lesion box
+attention, teacher-student learning for non-enhanced images, Couinaud volume-level labels, anchor-box region
+mining, double cooperative networks) on MONAI and PyTorch. Segment terminology follows SNOMED CT
+(liver 10200004, neoplasm 108369006).
+"""
+
+
+#
+# Parameter node: every setting of the panel, saved with the scene.
+#
+
+
+@parameterNodeWrapper
+class WeakLiverSegParameterNode:
+    inputVolume: vtkMRMLScalarVolumeNode
+    plainVolume: vtkMRMLScalarVolumeNode
+    maskSegmentation: vtkMRMLSegmentationNode
+    box2D: bool = True
+    couinaud1: bool = False
+    couinaud2: bool = False
+    couinaud3: bool = False
+    couinaud4: bool = False
+    couinaud5: bool = False
+    couinaud6: bool = False
+    couinaud7: bool = False
+    couinaud8: bool = False
+    volumeLabel: Annotated[str, Choice(list(slicer_logic.VOLUME_LABELS))] = "unknown"
+    datasetFolder: pathlib.Path
+    caseId: str = ""
+    split: Annotated[str, Choice(list(slicer_logic.SPLITS))] = "train"
+    recipe: str = "o2l"  # combo filled from the logic (depends on the number of phases): synced by hand
+    device: Annotated[str, Choice(list(slicer_logic.DEVICES))] = "auto"
+    modelFolder: pathlib.Path
+    steps: Annotated[int, WithinRange(0, 10000000)] = 0
+    outputProbability: bool = False
+    outputUncertainty: bool = False
+    estimateCouinaud: bool = False
+    outputSegmentation: vtkMRMLSegmentationNode
+    tumourTable: vtkMRMLTableNode
+
+
+_ready = None
+
+
+def _libraryReady(refresh=False):
+    """True when the packages the MRML bridge needs (all but torch) are importable (cached)."""
+    global _ready
+    if _ready is None or refresh:
+        _ready = not [name for name, _ in slicer_logic.missing_dependencies() if name != "torch"]
+    return _ready
+
+
+def _folder(path):
+    """A path parameter -> str, or None when unset (an empty ctkPathLineEdit reads as '.')."""
+    text = str(path) if path is not None else ""
+    return None if text in ("", ".") else text
+
+
+#
+# WeakLiverSegWidget
+#
+
+
+class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._timer = None
+        self._pendingModelFolder = None
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/WeakLiverSeg.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+
+        self.logic = WeakLiverSegLogic()
+        self._timer = qt.QTimer()
+        self._timer.setInterval(250)
+        self._timer.connect("timeout()", self.onPollJob)
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeAddedEvent, self.onSceneNodesChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.NodeRemovedEvent, self.onSceneNodesChanged)
+
+        self.ui.addTumorBoxButton.connect("clicked()", lambda: self.onAddBox("tumor"))
+        self.ui.addLiverBoxButton.connect("clicked()", lambda: self.onAddBox("liver"))
+        self.ui.jumpToBoxButton.connect("clicked(bool)", self.onJumpToBox)
+        self.ui.deleteBoxButton.connect("clicked(bool)", self.onDeleteBox)
+        self.ui.boxListWidget.connect("itemDoubleClicked(QListWidgetItem*)", lambda item: self.onJumpToBox())
+        self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
+        self.ui.recipeComboBox.connect("currentIndexChanged(int)", self.onRecipeChanged)
+        self.ui.trainButton.connect("clicked(bool)", self.onTrain)
+        self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+
+        self.initializeParameterNode()
+        missing = slicer_logic.missing_dependencies()
+        if missing:
+            self.ui.statusLabel.text = ("Python packages to install on first use: "
+                                        + ", ".join(req for _, req in missing))
+
+    def cleanup(self):
+        self.removeObservers()
+        if self._timer is not None:
+            self._timer.stop()
+        if self.logic is not None and self.logic.busy:
+            self.logic.cancel()  # never leave a training process behind when Slicer closes
+
+    def enter(self):
+        self.initializeParameterNode()
+
+    def exit(self):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateControls)
+
+    def onSceneStartClose(self, caller, event):
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            first = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+            if first:
+                self._parameterNode.inputVolume = first
+
+    def setParameterNode(self, inputParameterNode):
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateControls)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateControls)
+            self._updateControls()
+
+    # ------------------------------------------------------------------ display state
+
+    def _updateControls(self, caller=None, event=None):
+        p = self._parameterNode
+        if p is None:
+            return
+        recipes = slicer_logic.recipes_for([p.inputVolume, p.plainVolume])
+        combo = self.ui.recipeComboBox
+        if [combo.itemText(i) for i in range(combo.count)] != recipes:
+            wasBlocked = combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(recipes)
+            combo.blockSignals(wasBlocked)
+        if p.recipe not in recipes:
+            p.recipe = recipes[0]
+        combo.setCurrentIndex(recipes.index(p.recipe))
+
+        busy = self.logic.busy
+        dataset, model = _folder(p.datasetFolder), _folder(p.modelFolder)
+        hasModel = bool(model) and os.path.isfile(os.path.join(model, "model.json"))
+        self.ui.addCaseButton.enabled = bool(p.inputVolume and dataset and p.caseId.strip())
+        self.ui.trainButton.enabled = bool(not busy and dataset and model)
+        self.ui.fineTuneButton.enabled = bool(not busy and dataset and hasModel)
+        self.ui.segmentButton.enabled = bool(not busy and p.inputVolume and hasModel)
+        self.ui.cancelButton.enabled = busy
+        self._refreshBoxList()
+
+    def _refreshBoxList(self):
+        if not _libraryReady():
+            return  # numpy / scipy not installed yet: boxes cannot be described
+        listWidget = self.ui.boxListWidget
+        selected = self._selectedRoiId()
+        listWidget.clear()
+        reference = self._parameterNode.inputVolume if self._parameterNode else None
+        for roi in self.logic.box_rois():
+            item = qt.QListWidgetItem(self.logic.describe_box(roi, reference))
+            item.setData(qt.Qt.UserRole, roi.GetID())
+            listWidget.addItem(item)
+            if roi.GetID() == selected:
+                listWidget.setCurrentItem(item)
+
+    def _selectedRoiId(self):
+        item = self.ui.boxListWidget.currentItem()
+        return item.data(qt.Qt.UserRole) if item is not None else None
+
+    def _selectedRoi(self):
+        roiId = self._selectedRoiId()
+        return slicer.mrmlScene.GetNodeByID(roiId) if roiId else None
+
+    def onSceneNodesChanged(self, caller=None, event=None):
+        if self._parameterNode is not None:
+            self._refreshBoxList()
+
+    def _ensureDependencies(self):
+        """Ask, then install missing packages (torch through the PyTorch extension). True when all present."""
+        missing = slicer_logic.missing_dependencies()
+        if not missing:
+            return True
+        names = ", ".join(req for _, req in missing)
+        if not slicer.util.confirmOkCancelDisplay(
+                f"WeakLiverSeg needs these Python packages: {names}.\n\n"
+                "Install them now? This needs internet access and can take several minutes."):
+            return False
+        with slicer.util.tryWithErrorDisplay("Failed to install the Python packages.", waitCursor=True):
+            if any(name == "torch" for name, _ in missing):
+                try:
+                    import PyTorchUtils
+                except ImportError:
+                    slicer.util.errorDisplay("PyTorch is installed through the 'PyTorch' extension: install it from "
+                                             "the Extensions Manager, restart Slicer and try again.")
+                    return False
+                torchLogic = PyTorchUtils.PyTorchUtilsLogic()
+                if not torchLogic.torchInstalled() and torchLogic.installTorch(askConfirmation=True) is None:
+                    return False
+            rest = [req for name, req in missing if name != "torch"]
+            if rest:
+                slicer.util.pip_install(" ".join(rest))
+        still = slicer_logic.missing_dependencies()
+        _libraryReady(refresh=True)
+        if still:
+            slicer.util.errorDisplay("Still missing: " + ", ".join(req for _, req in still))
+        return not still
+
+    # ------------------------------------------------------------------ boxes and labels
+
+    def onAddBox(self, label):
+        if not self._ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot add the box.", waitCursor=True):
+            roi = self.logic.add_box(label, two_d=self._parameterNode.box2D)
+            self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onSceneNodesChanged)
+            self.addObserver(roi, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self.onSceneNodesChanged)
+            self._refreshBoxList()
+
+    def onJumpToBox(self):
+        roi = self._selectedRoi()
+        if roi is not None:
+            self.logic.jump_to_box(roi)
+
+    def onDeleteBox(self):
+        roi = self._selectedRoi()
+        if roi is not None:
+            self.removeObserver(roi, slicer.vtkMRMLMarkupsNode.PointPositionDefinedEvent, self.onSceneNodesChanged)
+            self.removeObserver(roi, slicer.vtkMRMLMarkupsNode.PointEndInteractionEvent, self.onSceneNodesChanged)
+            self.logic.delete_box(roi)
+
+    def onAddCase(self):
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot add the case to the dataset.", waitCursor=True):
+            folder, caseId = _folder(p.datasetFolder), p.caseId.strip()
+            volumes = self.logic.phases_from_nodes(p.inputVolume, p.plainVolume)
+            couinaud, volumeLabel = slicer_logic.labels_from_form(
+                [n for n in COUINAUD if getattr(p, f"couinaud{n}")], p.volumeLabel)
+            overwrite = False
+            if self.logic.case_exists(folder, caseId):
+                if not slicer.util.confirmYesNoDisplay(f"Case '{caseId}' already exists in {folder}. Replace it?"):
+                    return
+                overwrite = True
+            case = self.logic.add_case_to_dataset(folder, caseId, volumes, segmentation=p.maskSegmentation,
+                                                  couinaud=couinaud, volume_label=volumeLabel, split=p.split,
+                                                  overwrite=overwrite)
+            kinds = ", ".join(sorted(case.label_kinds)) or "no labels"
+            self.ui.statusLabel.text = f"Case {case.id} saved in {folder} ({kinds})."
+            p.caseId = self.logic.next_case_id(folder)
+
+    # ------------------------------------------------------------------ background jobs
+
+    def onRecipeChanged(self, index):
+        if self._parameterNode is not None and index >= 0:
+            self._parameterNode.recipe = self.ui.recipeComboBox.itemText(index)
+
+    def _startedJob(self, title):
+        self.ui.progressBar.value = 0
+        self.ui.etaLabel.text = ""
+        self.ui.logTextEdit.appendPlainText(f"--- {title}: " + " ".join(self.logic.runner.argv))
+        self.ui.statusLabel.text = f"{title} running..."
+        self._timer.start()
+        self._updateControls()
+
+    def onTrain(self):
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot start training.", waitCursor=True):
+            model = _folder(p.modelFolder)
+            overwrite = False
+            if model and os.path.isfile(os.path.join(model, "model.json")):
+                if not slicer.util.confirmYesNoDisplay(f"{model} already holds a model. Train a new one over it?"):
+                    return
+                overwrite = True
+            self._pendingModelFolder = None
+            self.logic.start_training(_folder(p.datasetFolder), p.recipe, model, device=p.device,
+                                      steps=p.steps or None, overwrite=overwrite)
+            self._startedJob("Training")
+
+    def onFineTune(self):
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot start fine-tuning.", waitCursor=True):
+            model = _folder(p.modelFolder)
+            out = self.logic.finetune_output_folder(model)
+            self._pendingModelFolder = out
+            self.logic.start_training(_folder(p.datasetFolder), p.recipe, out, device=p.device,
+                                      steps=p.steps or None, finetune_from=model)
+            self._startedJob("Fine-tuning")
+
+    def onSegment(self):
+        if not self._ensureDependencies():
+            return
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot start segmentation.", waitCursor=True):
+            volumes = self.logic.phases_from_nodes(p.inputVolume, p.plainVolume)
+            self.logic.start_segmentation(_folder(p.modelFolder), volumes, device=p.device,
+                                          probabilities=p.outputProbability, uncertainty=p.outputUncertainty,
+                                          couinaud=p.estimateCouinaud)
+            self._startedJob("Segmentation")
+
+    def onCancel(self):
+        self.logic.cancel()
+        self.ui.statusLabel.text = "Cancelling..."
+
+    def onPollJob(self):
+        for event in self.logic.poll():
+            view = slicer_logic.progress_view(event)
+            if view["percent"] is not None:
+                self.ui.progressBar.value = view["percent"]
+            if view["eta"] is not None:
+                self.ui.etaLabel.text = view["eta"]
+            if view["status"]:
+                self.ui.statusLabel.text = view["status"]
+            if view["log"]:
+                self.ui.logTextEdit.appendPlainText(view["log"])
+            if view["finished"]:
+                self._timer.stop()
+                self._jobFinished(view["error"])
+
+    def _jobFinished(self, error):
+        kind = self.logic.job_kind
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay("Cannot load the result.", waitCursor=True):
+            if kind == "segment":
+                output = self.logic.finish_segmentation()  # also removes the temporary files on failure
+                if output is not None:
+                    p.outputSegmentation = output.segmentation
+                    p.tumourTable = output.table
+                    self.ui.tumourTableView.setMRMLTableNode(output.table)
+                    for note in output.notes:
+                        self.ui.logTextEdit.appendPlainText(note)
+                    self.ui.statusLabel.text = f"Segmentation loaded: {output.summary}."
+            elif not error and self._pendingModelFolder is not None:
+                p.modelFolder = pathlib.Path(self._pendingModelFolder)  # segment with the fine-tuned model
+        self._pendingModelFolder = None
+        self._updateControls()
+        if error:
+            slicer.util.errorDisplay(f"WeakLiverSeg {kind} failed:\n{error}")
+
+
+#
+# WeakLiverSegLogic: the library logic plus Slicer's parameter node.
+#
+
+
+class WeakLiverSegLogic(ScriptedLoadableModuleLogic, slicer_logic.WeakLiverSegLogic):
+    def __init__(self):
+        ScriptedLoadableModuleLogic.__init__(self)
+        slicer_logic.WeakLiverSegLogic.__init__(self)
+
+    def getParameterNode(self):
+        return WeakLiverSegParameterNode(super().getParameterNode())
+
+
+#
+# WeakLiverSegTest
+#
+
+
+class WeakLiverSegTest(ScriptedLoadableModuleTest):
+    """Self-test inside Slicer: the MRML bridge round trips and "Add case" on a small synthetic volume."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        missing = slicer_logic.missing_dependencies()
+        if not _libraryReady(refresh=True):
+            self.delayDisplay("Skipped: missing Python packages " + ", ".join(r for _, r in missing))
+            return
+        for test in (self.test_volume_round_trip, self.test_box_round_trip, self.test_segmentation_round_trip,
+                     self.test_tumour_table, self.test_add_case):
+            self.setUp()
+            test()
+        self.delayDisplay("WeakLiverSeg self-test passed")
+
+    def _volume(self, labels=False):
+        import numpy as np
+
+        from WeakLiverSegLib.volume import Volume
+
+        angle = np.radians(25.0)
+        direction = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+        if labels:
+            array = np.zeros((8, 20, 24), np.uint8)
+            array[1:7, 3:17, 4:20] = 1
+            array[2:5, 6:10, 6:10] = 2
+            array[5, 12:14, 15:18] = 2
+        else:
+            array = (np.arange(8 * 20 * 24) % 1000).reshape(8, 20, 24).astype(np.int16)
+        return Volume(array, (0.8, 0.9, 2.5), (-12.5, 30.25, -7.125), direction)
+
+    def test_volume_round_trip(self):
+        import numpy as np
+
+        from WeakLiverSegLib import slicer_bridge
+
+        volume = self._volume()
+        node = slicer_bridge.volume_to_node(volume, "WeakLiverSeg test volume")
+        back = slicer_bridge.volume_from_node(node)
+        self.assertTrue(np.array_equal(back.array, volume.array))
+        self.assertTrue(back.same_grid(volume))
+
+    def test_box_round_trip(self):
+        import numpy as np
+
+        from WeakLiverSegLib import slicer_bridge
+        from WeakLiverSegLib.boxes import Box
+
+        node = slicer_bridge.volume_to_node(self._volume(), "reference")
+        for box in (Box("tumor", (3, 4, 2), (9, 11, 5)), Box("tumor", (5, 6, 3), (8, 9, 3)), Box("liver", (0, 0, 0), (23, 19, 7))):
+            roi = slicer_bridge.roi_from_box(box, node)
+            again = slicer_bridge.box_from_roi(roi, node)
+            self.assertEqual((again.ijk_min, again.ijk_max, again.label), (box.ijk_min, box.ijk_max, box.label))
+            copy = slicer_bridge.roi_from_box(again, node)
+            self.assertTrue(np.allclose(slicer_bridge.roi_center_ras(copy), slicer_bridge.roi_center_ras(roi), atol=1e-4))
+            self.assertTrue(np.allclose(copy.GetSize(), roi.GetSize(), atol=1e-4))
+
+    def test_segmentation_round_trip(self):
+        import numpy as np
+
+        from WeakLiverSegLib import slicer_bridge
+
+        labels = self._volume(labels=True)
+        node = slicer_bridge.volume_to_node(self._volume(), "reference")
+        segmentation = slicer_bridge.labelmap_to_segmentation(labels, node)
+        names = [segmentation.GetSegmentation().GetNthSegment(i).GetName()
+                 for i in range(segmentation.GetSegmentation().GetNumberOfSegments())]
+        self.assertEqual(names, ["Liver", "Liver tumor"])
+        mask = slicer_bridge.segmentation_to_mask(segmentation, node)
+        self.assertTrue(np.array_equal(mask.array, labels.array))
+
+    def test_tumour_table(self):
+        from WeakLiverSegLib import slicer_bridge
+
+        labels = self._volume(labels=True)
+        table = slicer_bridge.tumour_table(labels)
+        self.assertEqual(table.GetNumberOfRows(), 2)
+        expected = sorted([3 * 4 * 4, 2 * 3], reverse=True)
+        for row, voxels in enumerate(expected):
+            self.assertAlmostEqual(float(table.GetCellText(row, 1)), round(voxels * labels.voxel_volume_mm3 / 1000, 3), places=3)
+
+    def test_add_case(self):
+        import numpy as np
+
+        from WeakLiverSegLib import slicer_bridge
+        from WeakLiverSegLib.boxes import Box
+        from WeakLiverSegLib.store import Dataset
+
+        logic = WeakLiverSegLogic()
+        node = slicer_bridge.volume_to_node(self._volume(), "reference")
+        labels = self._volume(labels=True)
+        segmentation = slicer_bridge.labelmap_to_segmentation(labels, node)
+        slicer_bridge.roi_from_box(Box("tumor", (6, 6, 2), (9, 9, 4)), node)
+        slicer_bridge.roi_from_box(Box("liver", (4, 3, 1), (19, 16, 6)), node)
+        with tempfile.TemporaryDirectory() as folder:
+            case = logic.add_case_to_dataset(folder, "selftest000", {"ct": node}, segmentation=segmentation,
+                                             couinaud=[6], volume_label="tumour")
+            dataset = Dataset.load(folder)
+            dataset.validate(deep=True)
+            self.assertEqual(case.boxes[0].ijk_min, (6, 6, 2))
+            self.assertEqual(case.liver_box.ijk_max, (19, 16, 6))
+            self.assertTrue(np.array_equal(dataset.read_mask("selftest000").array, labels.array))

@@ -228,6 +228,15 @@ def test_sampler_batches_are_consistent():
     assert set(np.unique(batch["boxes"].numpy())) <= {0.0, 1.0}
 
 
+def test_sharpen_pseudo_labels():
+    probs = np.array([[0.2, 0.3, 0.5], [0.6, 0.3, 0.1]], np.float32)[:, :, None]
+    np.testing.assert_array_equal(o2l.sharpen(probs, 1.0), probs)
+    sharp = o2l.sharpen(probs, 0.5)
+    np.testing.assert_allclose(sharp.sum(1), 1, atol=1e-6)
+    np.testing.assert_array_equal(sharp.argmax(1), probs.argmax(1))
+    assert (sharp.max(1) > probs.max(1)).all()
+
+
 def test_constrain_to_boxes_keeps_probabilities_normalised():
     rng = np.random.default_rng(1)
     probs = rng.random((2, 3, 6, 6)).astype(np.float32)
@@ -428,6 +437,11 @@ def test_init_fine_tunes_from_an_earlier_model(tiny_model, tiny_store, tmp_path)
     assert (tuned[key] - base[key]).abs().max() < (fresh[key] - base[key]).abs().max()
     with pytest.raises(InputError, match="spacing"):
         o2l.train(tiny_store, tmp_path / "ft2", dict(cfg, spacing_mm=2.0), "cpu", None, init=tiny_model)
+    # a variant without the localization branch fine-tunes from a student that has one
+    nolocal = dict(cfg, student={"steps": 1, "variant": "mixed"})
+    meta = json.loads((o2l.train(tiny_store, tmp_path / "ft3", nolocal, "cpu", None, init=tiny_model)
+                       / "model.json").read_text())
+    assert meta["networks"]["student"]["kwargs"]["localization"] is False
 
 
 def test_ablation_variants_and_config_errors(tiny_store, tmp_path):

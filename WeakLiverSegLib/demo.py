@@ -16,7 +16,7 @@ CPU_DEFAULTS = {"cases": 20, "steps": None}
 GPU_DEFAULTS = {"cases": 60, "steps": None, "shape": (160, 160, 64), "spacing": (1.0, 1.0, 2.5)}
 
 
-def run_demo(out, device="cpu", cases=None, steps=None, seed=0, progress=None) -> Path:
+def run_demo(out, device="cpu", cases=None, steps=None, seed=0, progress=None, shape=None) -> Path:
     from . import phantom, recipes
     from .evaluate import evaluate, write_metrics
     from .imageio import write_image, write_label_map
@@ -35,6 +35,8 @@ def run_demo(out, device="cpu", cases=None, steps=None, seed=0, progress=None) -
 
     t0 = time.perf_counter()
     extra = {k: defaults[k] for k in ("shape", "spacing") if k in defaults}
+    if shape is not None:
+        extra["shape"] = tuple(shape)
     data_dir = out / "cohort"
     if (data_dir / "dataset.json").exists():
         from .store import Dataset
@@ -57,22 +59,24 @@ def run_demo(out, device="cpu", cases=None, steps=None, seed=0, progress=None) -
     t0 = time.perf_counter()
     model = load_model(model_dir, device=device)
     pred_dir = out / "predictions"
-    pred_dir.mkdir(exist_ok=True)
+    slicer_dir, prob_dir = out / "slicer", out / "probabilities"   # apart: evaluate pairs by case id
+    for folder in (pred_dir, slicer_dir, prob_dir):
+        folder.mkdir(exist_ok=True)
     test_cases = [c for c in ds.cases.values() if c.split == "test"]
     figures = []
     for n, case in enumerate(test_cases):
         image = ds.read_image(case.id)
         result = recipe.segment(model, {case.reference: image}, device=device)
         write_label_map(result.labels, pred_dir / f"{case.id}.nii.gz")
-        write_label_map(result.labels, pred_dir / f"{case.id}.seg.nrrd")
+        write_label_map(result.labels, slicer_dir / f"{case.id}.seg.nrrd")
         if result.probabilities is not None:
-            write_image(result.probabilities, pred_dir / f"{case.id}_prob.nii.gz")
+            write_image(result.probabilities, prob_dir / f"{case.id}.nii.gz")
         truth = ds.read_truth(case.id) or ds.read_mask(case.id)
         figures.append(_case_figure(case.id, image, truth, result.labels))
         progress.update("segment", n + 1, len(test_cases))
     timings["segment_s"] = time.perf_counter() - t0
 
-    metrics = evaluate(pred_dir, ds.root)
+    metrics = evaluate(pred_dir, ds.root, probabilities=prob_dir if any(prob_dir.iterdir()) else None)
     write_metrics(metrics, out / "metrics.json")
 
     curves = _loss_curves(progress.history)

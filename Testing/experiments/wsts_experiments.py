@@ -1,0 +1,459 @@
+"""Studies of the ``wsts`` recipe (issue 5) on a paired synthetic cohort; writes JSON + markdown.
+
+Not a pytest module (no ``test_`` prefix).  Run from the repository root:
+
+    .venv/bin/python Testing/experiments/wsts_experiments.py --out /tmp/wsts_exp
+    .venv/bin/python Testing/experiments/wsts_experiments.py --out /tmp/wsts_smoke --smoke   # minutes, meaningless numbers
+
+What it measures, on the plain (non-enhanced) phase of held-out test cases (tumour: per-case
+Dice, HD95 mm, recall, kappa at threshold 0.75, mean +- std; raw thresholded predictions, no
+post-processing, as in the paper):
+
+* control experiments (section 4.4.1) with half the training cases pixel-labelled, half box-labelled:
+  baseline (a single DRL agent + plain self-ensembling, both on the plain phase, no teacher),
+  TCH-ST (single-agent teacher/student + SE), TCH-ST + DDRL, TCH-ST + USSE, WSTS;
+* label-mix table (Table C.6): WSTS with pixel + box labels at several ratios, WSTS's student
+  with the pixel-labelled cases only, and a plain U-Net (MONAI BasicUNet) on the plain phase with
+  the pixel-labelled cases;
+* detection: IoU / recall of the union box with the true (dominant) tumour box on the test
+  tumour slices: DDRL vs a single agent on the enhanced phase, SDDRL (and the single student)
+  on the plain phase, the baseline's plain-phase agent.
+
+The cohort is generated with every training case fully labelled; an experiment then treats the
+first n of them as pixel-labelled and the next m as box-labelled (their masks dropped, their
+per-slice boxes kept: the phantom's box labels are those very boxes).  Detectors depend only on
+the boxes, so one DDRL / single-agent training serves every split with the same boxed cases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from WeakLiverSegLib import phantom  # noqa: E402
+from WeakLiverSegLib.metrics import binary_metrics  # noqa: E402
+from WeakLiverSegLib.recipes import wsts  # noqa: E402
+from WeakLiverSegLib.usse import add_noise, dice_loss  # noqa: E402
+
+FULL = {
+    "cohort": {"cases": 22, "test": 6, "shape": (64, 64, 24), "spacing": (2.25, 2.25, 4.0), "noise": 10.0,
+               "plain_contrast": -8.0, "enhanced_contrast": -45.0, "tumor_radius_mm": (7.0, 16.0), "seed": 5},
+    "config": {
+        "spacing_mm": 2.25, "context": 0,
+        "network": {"stem": 8, "growth": 6, "layers": 2, "levels": 3},
+        "detector": {"size": 32, "steps": 1000, "envs": 8, "batch": 48, "memory": 20000, "width": 8, "features": 64},
+        "usse": {"steps": 300, "batch": 8},
+        "student": {"steps": 400, "batch": 8},
+    },
+    "mix": [(4, 12), (8, 8), (12, 4), (16, 0)],
+    "pixel_only": [8],
+    "unet": [4, 8, 16],
+}
+SMOKE = {
+    "cohort": {"cases": 6, "test": 2, "shape": (32, 32, 8), "spacing": (4.5, 4.5, 8.0), "noise": 10.0,
+               "plain_contrast": -7.0, "enhanced_contrast": -45.0, "tumor_radius_mm": (8.0, 14.0), "seed": 5},
+    "config": {
+        "spacing_mm": 4.5, "context": 0,
+        "network": {"stem": 4, "growth": 4, "layers": 1, "levels": 2},
+        "detector": {"size": 16, "steps": 20, "envs": 4, "batch": 8, "memory": 500, "width": 4, "features": 16,
+                     "episode_steps": 8},
+        "usse": {"steps": 4, "batch": 2},
+        "student": {"steps": 4, "batch": 2},
+    },
+    "mix": [(2, 2), (4, 0)],
+    "pixel_only": [2],
+    "unet": [2],
+}
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def make_cohort(root: Path, c: dict):
+    mix = f"strong={(c['cases'] - c['test']) / c['cases']:.6f},test={c['test'] / c['cases']:.6f}"
+    return phantom.generate_cohort(root, cases=c["cases"], seed=c["seed"], shape=c["shape"], spacing=c["spacing"],
+                                   noise=c["noise"], tumors=(1, 1), tumor_radius_mm=c["tumor_radius_mm"],
+                                   plain_contrast=c["plain_contrast"], enhanced_contrast=c["enhanced_contrast"],
+                                   healthy_fraction=0.0, mix=mix)
+
+
+def prepare(ds, cfg):
+    phases = (cfg["teacher_phase"], cfg["student_phase"])
+    train, test = [], []
+    for case in ds.cases.values():
+        vols = {p: ds.read_image(case.id, p) for p in phases}
+        truth = ds.read_truth(case.id).array
+        w = wsts.prepare_case(case.id, vols, cfg, "pixel" if case.split == "train" else "test", labels=truth)
+        if case.split == "train":
+            train.append(w)
+        else:
+            test.append((w, truth, vols[cfg["student_phase"]].spacing))
+    return train, test
+
+
+def with_kinds(cases, n_pixel: int, n_box: int) -> list:
+    """Copies of the first n_pixel cases as pixel-labelled and the next n_box as box-labelled (no mask)."""
+    out = []
+    for n, c in enumerate(cases[:n_pixel + n_box]):
+        if n < n_pixel:
+            out.append(replace(c, det={}, pseudo=None))
+        else:
+            out.append(replace(c, kind="box", tumour=None, liver=None, det={}, pseudo=None))
+    return out
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def summarize(per_case: list) -> dict:
+    out = {}
+    for key in ("dice", "hd95_mm", "recall", "kappa", "liver_dice"):
+        vals = [m[key] for m in per_case if m.get(key) is not None]
+        out[key] = {"mean": float(np.mean(vals)) if vals else None, "std": float(np.std(vals)) if vals else None,
+                    "n": len(vals)}
+    return out
+
+
+def score(tumour_probs_w, liver_probs_w, test_item, cfg) -> dict:
+    """Working-grid probabilities of one test case -> tumour metrics on its input grid (raw threshold)."""
+    w, truth, spacing = test_item
+    maps = np.stack([liver_probs_w if liver_probs_w is not None else np.zeros_like(tumour_probs_w),
+                     tumour_probs_w], axis=1)
+    labels, tumour, _ = wsts.labels_from_probs(maps, truth.shape, cfg["threshold"], cfg["liver_threshold"],
+                                               do_postprocess=False)
+    m = binary_metrics(tumour > cfg["threshold"], truth == 2, spacing)
+    out = {k: m[k] for k in ("dice", "hd95_mm", "recall", "kappa")}
+    if liver_probs_w is not None:
+        out["liver_dice"] = binary_metrics(labels >= 1, truth >= 1, spacing)["dice"]
+    return out
+
+
+def eval_student(stages, test, cfg) -> dict:
+    env, pols = stages.env, stages.detector.policies("student")
+    per = []
+    for item in test:
+        probs, _ = wsts.predict_case(stages.student, pols, item[0].images[cfg["student_phase"]], cfg, env,
+                                     stages.dev, cfg["infer_batch"])
+        per.append(score(probs[:, 1], probs[:, 0], item, cfg))
+    return {"cases": per, "summary": summarize(per)}
+
+
+def eval_self_ensembling(stages, test, cfg, phase) -> dict:
+    """The baseline: the SE target model with the baseline agent's boxes, on the plain phase."""
+    env, pols = stages.env, stages.detector.policies("teacher")
+    per = []
+    for item in test:
+        w = item[0]
+        boxes = wsts.detect_case(pols, w, phase, env, stages.dev)
+        img = torch.from_numpy(wsts._inputs(w, phase, np.arange(w.shape[0]), cfg["context"]))
+        probs = stages.usse.predict(img, boxes, cfg["infer_batch"])[:, 0].numpy()
+        per.append(score(probs, None, item, cfg))
+    return {"cases": per, "summary": summarize(per)}
+
+
+def detection(det, test, cfg) -> dict:
+    env = wsts.box_env(cfg)
+    cases = [t[0] for t in test]
+    out = {"teacher": wsts.detection_iou(det.policies("teacher"), cases, det.act_phase, env)}
+    if det.student is not None:
+        out["student"] = wsts.detection_iou(det.policies("student"), cases, det.imitate_phase, env)
+    return out
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+class Runner:
+    def __init__(self, cfg, train, test, log):
+        self.cfg, self.train, self.test, self.log = cfg, train, test, log
+        self.detectors = {}
+        self.seconds = {}
+        self.truths = {c.id: c.tumour for c in train}
+
+    def detector(self, key, cases, agents, act_phase, imitate_phase, relative_entropy=1.0):
+        if key in self.detectors:
+            return self.detectors[key]
+        t0 = time.monotonic()
+        cfg = copy.deepcopy(self.cfg)
+        cfg["detector"]["agents"] = agents
+        cfg["detector"]["relative_entropy"] = relative_entropy
+        torch.manual_seed(cfg["seed"])
+        rng = np.random.default_rng(cfg["seed"])
+        env = wsts.box_env(cfg)
+        images, targets, _ = wsts.rl_slices(cases, (act_phase,) + ((imitate_phase,) if imitate_phase else ()), env.size)
+        det = wsts.make_detector(cfg, images, targets, rng, "cpu", act_phase, imitate_phase)
+        steps = cfg["detector"]["steps"]
+        rewards = []
+        for step in range(steps):
+            logs = {"reward": det.env_step()}
+            logs.update(det.update(step))
+            rewards.append(logs["reward"])
+            if (step + 1) % max(1, steps // 5) == 0:
+                self.log(f"  detector {key} step {step + 1}/{steps} reward {np.mean(rewards[-50:]):.3f} "
+                         + " ".join(f"{k}={v:.3g}" for k, v in sorted(logs.items()) if k != "reward"))
+        self.seconds[f"detector {key}"] = round(time.monotonic() - t0, 1)
+        self.detectors[key] = det
+        return det
+
+    def wsts_run(self, name, n_pixel, n_box, det_key, agents=2, uncertainty="multiscale"):
+        t0 = time.monotonic()
+        cfg = copy.deepcopy(self.cfg)
+        cfg["detector"]["agents"] = agents
+        cfg["usse"]["uncertainty"] = uncertainty
+        cases = with_kinds(self.train, n_pixel, n_box)
+        boxed = with_kinds(self.train, n_pixel + n_box, 0)     # the boxes the detector learns from
+        det = self.detector(det_key, boxed, agents, cfg["teacher_phase"], cfg["student_phase"])
+        torch.manual_seed(cfg["seed"])
+        stages = wsts._Stages(cfg, cases, "cpu", None, np.random.default_rng(cfg["seed"] + 1), detector=det)
+        stages.after_detector()
+        if stages.usse is not None:
+            stages.run("usse", cfg["usse"]["steps"])
+            stages.after_usse()
+        stages.run("student", cfg["student"]["steps"])
+        result = eval_student(stages, self.test, cfg)
+        result["pseudo_dice"] = pseudo_quality(cases, self.truths)
+        self.seconds[name] = round(time.monotonic() - t0, 1)
+        self.log(f"  {name}: tumour Dice {result['summary']['dice']['mean']:.3f} "
+                 f"(pseudo-label Dice {result['pseudo_dice']}) [{self.seconds[name]} s]")
+        return result
+
+    def baseline_run(self, name, n_pixel, n_box):
+        """DRL + SE directly on the plain phase: one agent exploring plain slices, plain SE (no uncertainty)."""
+        t0 = time.monotonic()
+        cfg = copy.deepcopy(self.cfg)
+        plain = cfg["student_phase"]
+        cfg["detector"]["agents"] = 1
+        cfg["usse"]["uncertainty"] = "none"
+        cfg["teacher_phase"], cfg["student_phase"] = plain, cfg["teacher_phase"]   # the "teacher" works on plain
+        cases = with_kinds(self.train, n_pixel, n_box)
+        boxed = with_kinds(self.train, n_pixel + n_box, 0)
+        det = self.detector("plain-single", boxed, 1, plain, None)
+        stages = wsts._Stages(cfg, cases, "cpu", None, np.random.default_rng(cfg["seed"] + 1), detector=det)
+        stages.after_detector()
+        stages.run("usse", cfg["usse"]["steps"])
+        result = eval_self_ensembling(stages, self.test, cfg, plain)
+        self.seconds[name] = round(time.monotonic() - t0, 1)
+        self.log(f"  {name}: tumour Dice {result['summary']['dice']['mean']:.3f} [{self.seconds[name]} s]")
+        return result
+
+    def unet_run(self, name, n_pixel):
+        """Plain U-Net (MONAI BasicUNet) on the plain phase, pixel labels only, same loss / steps / sampling."""
+        from monai.networks.nets import BasicUNet
+
+        t0 = time.monotonic()
+        cfg = copy.deepcopy(self.cfg)
+        cases = with_kinds(self.train, n_pixel, 0)
+        for c in cases:
+            c.det["student"] = np.zeros((c.shape[0], 4), np.float32)
+        torch.manual_seed(cfg["seed"])
+        rng = np.random.default_rng(cfg["seed"] + 1)
+        net = BasicUNet(2, 2 * cfg["context"] + 1, 2, features=(8, 16, 32, 64, 128, 8), dropout=0.1)
+        opt = torch.optim.Adam(net.parameters(), lr=cfg["student"]["lr"])
+        s = cfg["student"]
+        for step in range(s["steps"]):
+            wsts._set_lr(opt, wsts.stage_lr(s, step, s["steps"]))
+            net.train()
+            batch = wsts.sample_student_batch(cases, cfg, rng, cfg["student_phase"], "cpu")
+            x = add_noise(batch["image"], s["noise_std"], s["noise_clip"])
+            p = torch.sigmoid(net(x).float())
+            loss = dice_loss(p[:, 1:2], batch["tumour"]) + dice_loss(p[:, 0:1], batch["liver"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        net.eval()
+        per = []
+        with torch.no_grad():
+            for item in self.test:
+                img = item[0].images[cfg["student_phase"]]
+                x = torch.from_numpy(wsts.slice_groups(img, np.arange(img.shape[0]), cfg["context"]))
+                p = torch.sigmoid(net(x).float()).numpy()
+                per.append(score(p[:, 1], p[:, 0], item, cfg))
+        result = {"cases": per, "summary": summarize(per)}
+        self.seconds[name] = round(time.monotonic() - t0, 1)
+        self.log(f"  {name}: tumour Dice {result['summary']['dice']['mean']:.3f} [{self.seconds[name]} s]")
+        return result
+
+
+def pseudo_quality(cases, truths: dict) -> float | None:
+    """Dice of the USSE pseudo masks (> 0.5) of the box cases with their hidden true tumour masks (None: no box case)."""
+    inter = total = 0.0
+    for c in cases:
+        if c.kind != "box" or c.pseudo is None:
+            continue
+        p, t = c.pseudo > 0.5, truths[c.id] > 0.5
+        inter += float((p & t).sum())
+        total += float(p.sum() + t.sum())
+    return None if total == 0 else round(2 * inter / total, 4)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt(s: dict, key: str, pct=True) -> str:
+    v = s[key]
+    if v["mean"] is None:
+        return "n/a"
+    k = 100 if pct else 1
+    return f"{k * v['mean']:.1f} ± {k * v['std']:.1f}"
+
+
+def markdown(res: dict) -> str:
+    lines = ["# WSTS studies (issue 5)", "",
+             f"Command: `{res['command']}`  ", f"Wall time: {res['seconds']['total']:.0f} s on CPU (1 thread).", "",
+             "Cohort: " + json.dumps(res["cohort"]), "", "Config overrides: `" + json.dumps(res["config_overrides"]) + "`", "",
+             "Tumour metrics on the **plain (non-enhanced) phase** of the test cases, threshold 0.75, per case mean ± std "
+             "(Dice, recall, kappa in %, HD95 in mm; HD95 only where both masks are non-empty).", ""]
+
+    def table(title, rows):
+        lines.extend([f"## {title}", "", "| method | pixel | box | Dice | HD95 mm | recall | kappa |",
+                      "|---|---|---|---|---|---|---|"])
+        for name, npix, nbox, r in rows:
+            s = r["summary"]
+            lines.append(f"| {name} | {npix} | {nbox} | {fmt(s, 'dice')} | {fmt(s, 'hd95_mm', False)} | "
+                         f"{fmt(s, 'recall')} | {fmt(s, 'kappa')} |")
+        lines.append("")
+
+    table("Control experiments (section 4.4.1)", [(r["name"], r["pixel"], r["box"], r) for r in res["control"]])
+    table("Label mix (Table C.6)", [(r["name"], r["pixel"], r["box"], r) for r in res["mix"]])
+    lines.extend(["## Detection (IoU / recall with the true tumour box, test tumour slices)", "",
+                  "| detector | phase | IoU | recall |", "|---|---|---|---|"])
+    for name, d in res["detection"].items():
+        for role, v in d.items():
+            if v["iou"] is not None:
+                lines.append(f"| {name} {role} | {v['phase']} | {100 * v['iou']:.1f} | {100 * v['recall']:.1f} |")
+    lines.append("")
+    lines.extend(["## Checks", ""] + [f"- {c}" for c in res["checks"]] + [""])
+    lines.extend(["## Seconds", "", "```", json.dumps(res["seconds"], indent=1), "```", ""])
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="work folder (cohort); results go to docs/results/ too")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, numbers mean nothing")
+    ap.add_argument("--results", default=str(REPO / "docs" / "results"), help="where to write wsts_experiments.{json,md}")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t_start = time.monotonic()
+    plan = SMOKE if args.smoke else FULL
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def log(msg):
+        print(f"[{time.monotonic() - t_start:7.0f}s] {msg}", flush=True)
+
+    ds_root = out / "cohort"
+    if (ds_root / "dataset.json").exists():
+        from WeakLiverSegLib.store import Dataset
+        ds = Dataset.load(ds_root)
+    else:
+        ds = make_cohort(ds_root, plan["cohort"])
+    cfg = wsts.resolve_config(plan["config"])
+    train, test = prepare(ds, cfg)
+    log(f"cohort: {len(train)} train, {len(test)} test cases")
+    runner = Runner(cfg, train, test, log)
+    n = len(train)
+    half = n // 2
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    stem = "wsts_experiments_smoke" if args.smoke else "wsts_experiments"
+    res = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
+           "cohort": {k: list(v) if isinstance(v, tuple) else v for k, v in plan["cohort"].items()},
+           "config_overrides": plan["config"], "config": cfg, "control": [], "mix": [], "detection": {},
+           "checks": [], "seconds": runner.seconds, "smoke": bool(args.smoke), "complete": False}
+
+    def save():
+        runner.seconds["total"] = round(time.monotonic() - t_start, 1)
+        (results / f"{stem}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+        (results / f"{stem}.md").write_text(markdown(res))
+
+    # the runs the issue's checks need first, then the rest of the tables
+    control, mix = res["control"], res["mix"]
+    log("WSTS half / half, all-pixel, pixel half alone, U-Net")
+    wsts_half = runner.wsts_run("wsts", half, n - half, "dual")
+    control.append({"name": "WSTS", "pixel": half, "box": n - half, **wsts_half})
+    mix.append({"name": "WSTS", "pixel": half, "box": n - half, **wsts_half})
+    save()
+    mix.append({"name": "WSTS", "pixel": n, "box": 0, **runner.wsts_run(f"wsts {n}+0", n, 0, "dual")})
+    save()
+    for npix in plan["pixel_only"]:
+        npix = min(npix, n)
+        key = "dual" if npix == n else f"dual-pixel{npix}"
+        mix.append({"name": "WSTS student, pixel labels only", "pixel": npix, "box": 0,
+                    **runner.wsts_run(f"wsts {npix}+0 alone", npix, 0, key)})
+        save()
+    for npix in plan["unet"]:
+        npix = min(npix, n)
+        mix.append({"name": "U-Net (plain phase)", "pixel": npix, "box": 0, **runner.unet_run(f"unet {npix}", npix)})
+        save()
+
+    log("control experiments")
+    for name, key, agents, unc in (("TCH-ST", "single", 1, "none"), ("TCH-ST + DDRL", "dual", 2, "none"),
+                                   ("TCH-ST + USSE", "single", 1, "multiscale")):
+        control.insert(len(control) - 1, {"name": name, "pixel": half, "box": n - half,
+                                          **runner.wsts_run(name.lower(), half, n - half, key, agents=agents,
+                                                            uncertainty=unc)})
+        save()
+    control.insert(0, {"name": "Baseline (DRL + SE on plain)", "pixel": half, "box": n - half,
+                       **runner.baseline_run("baseline", half, n - half)})
+    save()
+
+    log("other label mixes")
+    for npix, nbox in plan["mix"]:
+        npix, nbox = min(npix, n), min(nbox, n - min(npix, n))
+        if (npix, nbox) in ((half, n - half), (n, 0)):
+            continue
+        mix.append({"name": "WSTS", "pixel": npix, "box": nbox,
+                    **runner.wsts_run(f"wsts {npix}+{nbox}", npix, nbox, "dual")})
+        save()
+    mix.sort(key=lambda r: (r["name"] != "WSTS", r["name"], r["pixel"], r["box"]))
+
+    save()
+    log("detection")
+    det = res["detection"]
+    for key, d in runner.detectors.items():
+        r = detection(d, test, cfg)
+        for role in r:
+            r[role]["phase"] = d.act_phase if role == "teacher" else d.imitate_phase
+        det[key] = r
+
+    def dice_of(rows, name, npix, nbox):
+        for r in rows:
+            if r["name"] == name and r["pixel"] == npix and r["box"] == nbox:
+                return r["summary"]["dice"]["mean"]
+        return None
+
+    checks = []
+    d_half = wsts_half["summary"]["dice"]["mean"]
+    d_alone = dice_of(mix, "WSTS student, pixel labels only", half, 0)
+    d_full = dice_of(mix, "WSTS", n, 0)
+    if d_alone is not None:
+        checks.append(f"WSTS {half} pixel + {n - half} box vs the same student on the {half} pixel cases alone: "
+                      f"Dice {d_half:.3f} vs {d_alone:.3f} -> {'beats' if d_half > d_alone else 'does NOT beat'} it")
+    if d_full is not None and d_full > 0:
+        checks.append(f"WSTS half/half reaches {100 * d_half / d_full:.0f}% of the all-pixel student's Dice "
+                      f"({d_half:.3f} / {d_full:.3f}); target >= 90% -> {'met' if d_half >= 0.9 * d_full else 'NOT met'}")
+    if "dual" in det and "single" in det:
+        checks.append(f"DDRL vs single agent, enhanced test slices: IoU {det['dual']['teacher']['iou']:.3f} vs "
+                      f"{det['single']['teacher']['iou']:.3f}; SDDRL on plain: {det['dual']['student']['iou']:.3f}")
+    res["checks"], res["complete"] = checks, True
+    save()
+    for c in checks:
+        log(c)
+    log(f"wrote {results / (stem + '.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

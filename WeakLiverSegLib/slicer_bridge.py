@@ -75,6 +75,13 @@ def couinaud_lookup(couinaud_map: Volume):
 # --------------------------------------------------------------------------- environment
 
 
+def current_scene():
+    """The application's MRML scene (``slicer.mrmlScene``)."""
+    import slicer
+
+    return slicer.mrmlScene
+
+
 def inside_slicer_app() -> bool:
     """True inside the 3D Slicer application (not with the bare ``slicer-core`` wheel)."""
     import sys

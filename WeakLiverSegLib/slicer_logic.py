@@ -178,9 +178,9 @@ class WeakLiverSegLogic:
     def scene(self):
         if self._scene is not None:
             return self._scene
-        import slicer
+        from . import slicer_bridge
 
-        return slicer.mrmlScene
+        return slicer_bridge.current_scene()
 
     # ------------------------------------------------------------------ volumes and boxes
 

@@ -168,9 +168,9 @@ def run_ratio(base, order, work, results, steps):
     for ratio, n_l in RATIOS.items():
         ds = ratio_store(base, work / "stores" / f"ratio_{n_l:02d}", n_l, order)
         for method in ("sdnet", "vnet"):
-            if method == "vnet" and f"vnet_{n_l:02d}" in results["runs"]:
-                continue
             name = f"{method}_{n_l:02d}"
+            if name in results["runs"]:          # trained and evaluated by an earlier invocation
+                continue
             cfg = {**RUN_CONFIG, "steps": steps, "method": method}
             model, secs = train(name, ds, cfg, work)
             members = ("default", "raw", "vnet", "resvnet") if method == "sdnet" else ("default", "raw")
@@ -188,6 +188,8 @@ def run_ablation(base, order, work, results, steps):
     variants = {"sdnet_04_wce": {"disagreement_loss": "wce"}, "sdnet_04_none": {"disagreement_loss": "none"},
                 "sdnet_04_nounlab": {"unlabelled_per_batch": 0}}
     for name, extra in variants.items():
+        if name in results["runs"]:
+            continue
         cfg = {**RUN_CONFIG, "steps": steps, **extra}
         model, secs = train(name, ds, cfg, work)
         results["runs"][name] = {"study": "ablation", "ratio": "20:80", "labelled": 4,
@@ -204,6 +206,8 @@ def run_seeds(base, order, work, results, steps, seeds=(1, 2)):
     for seed in seeds:
         for method in ("sdnet", "vnet"):
             name = f"{method}_04_seed{seed}"
+            if name in results["runs"]:
+                continue
             cfg = {**RUN_CONFIG, "steps": steps, "method": method, "seed": seed}
             model, secs = train(name, ds, cfg, work)
             members = ("default", "raw", "vnet", "resvnet") if method == "sdnet" else ("default", "raw")
@@ -222,6 +226,8 @@ def run_real(base, work, results, steps):
     tests = [("ircadb_p17", read_image(SHARED / "ircadb/p17/ct.nii.gz"), truth17)]
     for name, ds, method in (("real_sdnet", real_store(base, work / "stores" / "real", synthetic), "sdnet"),
                              ("real_vnet", p01_only_store(work / "stores" / "real_p01"), "vnet")):
+        if name in results["runs"]:
+            continue
         cfg = {**RUN_CONFIG, "steps": steps, "method": method}
         model, secs = train(name, ds, cfg, work)
         members = ("default", "raw", "vnet", "resvnet") if method == "sdnet" else ("default", "raw")

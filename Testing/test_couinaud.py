@@ -2,6 +2,7 @@
 and a tiny train -> segment -> resume run through the CLI."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -76,6 +77,26 @@ def test_plr_removes_isolated_predictions_and_keeps_continuous_ones():
     assert masks.sum() == 27 + 3
     before, _ = couinaud.pseudo_masks(probs, {"refine": {"c": 5.0, "tau": 0.5}}, use_plr=False)
     assert before.sum() == 4 + 27      # Eq. 3 only
+
+
+class ConstantNet(torch.nn.Module):
+    """Tumour probability 0.8 everywhere, whatever the input."""
+
+    def forward(self, image, region):
+        b, _, h, w = image.shape
+        return torch.stack([torch.zeros(b, h, w), torch.full((b, h, w), math.log(4.0))], dim=1)
+
+
+def test_pseudo_labels_are_clipped_to_the_labelled_segments_unless_vanilla():
+    cm = toy_couinaud_stack()
+    case = couinaud.WeakCase("c", "couinaud", np.zeros(cm.shape, np.float32), cm > 0, cm, True, [7], 3.0)
+    labels = couinaud.volume_slice_labels(4, True)
+    clipped = couinaud.couinaudnet_probs(ConstantNet(), case, labels)
+    assert np.allclose(clipped[cm == 7], 0.8) and not clipped[cm != 7].any()
+    vanilla = couinaud.couinaudnet_probs(ConstantNet(), case, labels, clip=False)
+    assert np.allclose(vanilla[cm > 0], 0.8) and not vanilla[cm == 0].any()   # slice 0 too: ILR's job
+    refined = couinaud.couinaudnet_probs(ConstantNet(), case, couinaud.ilr(labels, cm, [7]), clip=False)
+    assert not refined[0].any() and np.allclose(refined[1][cm[1] > 0], 0.8)
 
 
 # ----------------------------------------------------------------------------- tumour injection

@@ -188,7 +188,8 @@ def pseudo_quality(tumours, truth_tumour, weak) -> dict:
             "per_case": per_case}
 
 
-def ablation_study(work: Path, seed: int, cases: int, train_seeds: list, overrides: dict) -> dict:
+def ablation_study(work: Path, seed: int, cases: int, train_seeds: list, overrides: dict,
+                   upper_bound: bool = True) -> dict:
     from WeakLiverSegLib.recipes.couinaud import labels_on_working
 
     ds = _cohort(work / "cohort", cases=cases, seed=seed, healthy_fraction=0.3,
@@ -247,7 +248,7 @@ def ablation_study(work: Path, seed: int, cases: int, train_seeds: list, overrid
     result["runs"] = {}
     for n, seed_t in enumerate(train_seeds):
         result["runs"][str(seed_t)] = run_variants(ds, test_cases, weak, labels_none, labels_ilr, truth_tumour,
-                                                   truth_liver, cfg, kwargs, seed_t, upper_bound=n == 0)
+                                                   truth_liver, cfg, kwargs, seed_t, upper_bound=upper_bound and n == 0)
     result["summary"] = summarize_runs(result["runs"])
     return result
 
@@ -264,7 +265,9 @@ def run_variants(ds, test_cases, weak, labels_none, labels_ilr, truth_tumour, tr
         pool = couinaud.train_couinaudnet(net, make_optimizer(net.parameters(), cfg["couinaudnet"]), weak, labels,
                                           cfg, rng, "cpu")
         secs = round(time.monotonic() - t0, 1)
-        probs = {w.case_id: couinaud.couinaudnet_probs(net, w, labels[w.case_id], cfg["context"]) for w in weak}
+        clip = cfg["refine"]["clip_to_region"]
+        probs = {w.case_id: couinaud.couinaudnet_probs(net, w, labels[w.case_id], cfg["context"], clip=clip)
+                 for w in weak}
         log(f"seed {seed}: CouinaudNet (ILR={use_ilr}): {pool} healthy slices, {secs} s")
         for use_plr in (False, True):
             name = VARIANT_NAMES[(use_ilr, use_plr)]
@@ -352,7 +355,11 @@ def markdown(res: dict, command: str) -> str:
     if "ablation" in res:
         a = res["ablation"]
         co = a["cohort"]
+        clip = a["config"]["refine"]["clip_to_region"]
         lines += ["## Weak labels only: ablation (paper Table 1) on a synthetic cohort", "",
+                  "Pseudo-labels " + ("clipped to the labelled Couinaud segments (the recipe's default)." if clip else
+                                      "NOT clipped to the labelled segments (`refine.clip_to_region=false`: the "
+                                      "paper's vanilla CouinaudNet output on every slice of a pathological volume)."), "",
                   f"Cohort: {co['cases']} cases (seed {co['seed']}, {co['shape']} voxels at {co['spacing']} mm), mix "
                   f"`{co['mix']}`, healthy fraction {co['healthy_fraction']}.  Training cases: "
                   f"{len(a['training_cases']['couinaud'])} with Couinaud segments, {len(a['training_cases']['volume'])} "
@@ -371,6 +378,8 @@ def markdown(res: dict, command: str) -> str:
         sm = a["summary"]
         for name in list(VARIANT_NAMES.values()) + [UPPER]:
             row = sm[name]
+            if not row:
+                continue
             flags = f"{'✓' if 'ILR' in name else ''} | {'✓' if 'PLR' in name else ''}" if name != UPPER else f"{name} |"
             lines.append(f"| {flags} | " + " | ".join(_cell(row.get(k)) for k in (
                 "tumour_dice_per_case", "tumour_dice_global", "liver_dice_per_case", "pseudo_dice_per_case",
@@ -400,9 +409,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1, help="cohort seed")
     p.add_argument("--train-seeds", default="0,1,2", help="network seeds: one run of every variant per seed")
     p.add_argument("--set", default="{}", help="JSON recipe overrides for the ablation, e.g. '{\"segmenter\": {\"steps\": 400}}'")
+    p.add_argument("--no-upper-bound", action="store_true", help="skip the pixel-label segmenter")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="couinaud_experiments")
+    p.add_argument("--render", type=Path, help="only rewrite the markdown of an earlier JSON result")
     args = p.parse_args(argv)
+    if args.render:
+        res = json.loads(args.render.read_text())
+        args.render.with_suffix(".md").write_text(markdown(res, res["command"]))
+        return
     torch.set_num_threads(args.threads)
     t0 = time.monotonic()
     studies = set(args.studies.split(","))
@@ -413,7 +428,8 @@ def main(argv=None):
         res["real_ct"] = real_ct_figure(args.out / "couinaud_constructor_p01.png")
     if "ablation" in studies:
         seeds = [int(x) for x in args.train_seeds.split(",")]
-        res["ablation"] = ablation_study(args.work, args.seed, args.cases, seeds, json.loads(args.set))
+        res["ablation"] = ablation_study(args.work, args.seed, args.cases, seeds, json.loads(args.set),
+                                         upper_bound=not args.no_upper_bound)
     res["seconds_total"] = time.monotonic() - t0
     command = "python Testing/experiments/couinaud_experiments.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res["command"] = command

@@ -99,6 +99,7 @@ DEFAULTS = {
         "c": 5.0,
         "tau": 0.5,
         "ilr_min_pixels": 1,    # a segment "is on a slice" from this many working pixels (Eq. 2: 1)
+        "clip_to_region": True, # pseudo-labels only inside the labelled segments (False: the paper's vanilla)
     },
     "injection": {
         "radius_mm": [3.0, 15.0],
@@ -581,19 +582,27 @@ def train_couinaudnet(net, opt, cases, labels, cfg, rng, device, start=0, save=N
 
 
 @torch.inference_mode()
-def couinaudnet_probs(net, case: WeakCase, slice_labels, context=1, batch=8, device="cpu") -> np.ndarray:
-    """CouinaudNet tumour probability o_k on the pathological slices, zero outside their region."""
+def couinaudnet_probs(net, case: WeakCase, slice_labels, context=1, batch=8, device="cpu",
+                      clip: bool = True) -> np.ndarray:
+    """CouinaudNet tumour probability o_k on the pathological slices.
+
+    ``clip`` (default): zero outside the labelled region, so a slice whose region is empty gets
+    none.  ``clip=False`` is the vanilla CouinaudNet of the paper's ablation: the network's raw
+    output inside the liver, also on pathological slices whose labelled segment is absent (its
+    region input is then empty) -- the label noise that ILR (Eq. 2) removes.
+    """
     dev = _device(device)
     net = net.to(dev).eval()
     out = np.zeros(case.image.shape, np.float32)
-    zs = [z for z in np.flatnonzero(np.asarray(slice_labels) > 0) if case.region(z).any()]
+    zs = [z for z in np.flatnonzero(np.asarray(slice_labels) > 0)
+          if (case.region(z).any() if clip else case.liver[z].any())]
     for b0 in range(0, len(zs), batch):
         centres = np.asarray(zs[b0:b0 + batch])
         regions = np.stack([case.region(z) for z in centres])
         x = torch.from_numpy(np.ascontiguousarray(slice_groups(case.image, centres, context))).to(dev)
         r = torch.from_numpy(regions[:, None].astype(np.float32)).to(dev)
         p = torch.softmax(net(x, r).float(), dim=1)[:, 1].cpu().numpy()
-        out[centres] = p * regions
+        out[centres] = p * (regions if clip else case.liver[centres])
     return out
 
 
@@ -658,6 +667,9 @@ def _check_config(cfg: dict) -> None:
     if not (isinstance(r["tau"], (int, float)) and 0 < r["tau"] < 1):
         raise InputError(f"{where}: refine.tau must be in (0, 1), got {r['tau']!r}")
     positive_int(r["ilr_min_pixels"], "refine.ilr_min_pixels")
+    for key in ("ilr", "plr", "clip_to_region"):
+        if not isinstance(r[key], bool):
+            raise InputError(f"{where}: refine.{key} must be true or false, got {r[key]!r}")
     inj = cfg["injection"]
     pair(inj["radius_mm"], "injection.radius_mm")
     pair(inj["contrast_hu"], "injection.contrast_hu")
@@ -831,7 +843,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     if need_net:
         for n, case in enumerate(c for c in weak if c.tumour is None):
             probs = couinaudnet_probs(nets["couinaudnet"], case, labels[case.case_id], cfg["context"],
-                                      cfg["infer_batch"], device)
+                                      cfg["infer_batch"], device, r["clip_to_region"])
             masks, _ = pseudo_masks(probs, cfg, r["plr"])
             tumours[case.case_id] = masks & case.liver
             pseudo_stats["pixels_before_plr"] += int((probs >= r["tau"]).sum())
@@ -990,7 +1002,7 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
             if liver_w.sum() >= MIN_LIVER_PIXELS:
                 wc = make_weak_case(case, loaded, liver_w, "segmenter", cfg)
                 probs = couinaudnet_probs(model.networks["couinaudnet"], wc, wc.refined_labels(r["ilr"], r["ilr_min_pixels"]),
-                                          cfg["context"], cfg["infer_batch"], device)
+                                          cfg["context"], cfg["infer_batch"], device, r["clip_to_region"])
                 tum, _ = pseudo_masks(probs, cfg, r["plr"])
                 work = liver_w.astype(np.uint8)
                 work[tum & liver_w] = 2

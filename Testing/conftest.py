@@ -21,6 +21,25 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture
+def scene():
+    """A scene as ``slicer.mrmlScene`` with the colour tables and the Segmentations logic (as the app has)."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
+    previous = getattr(slicer, "mrmlScene", None)
+    mrml = slicer.vtkMRMLScene()
+    colors = slicer.vtkMRMLColorLogic()
+    colors.SetMRMLScene(mrml)
+    colors.AddDefaultColorNodes()
+    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
+    segmentations.SetMRMLScene(mrml)
+    slicer.mrmlScene = mrml
+    yield mrml
+    segmentations.SetMRMLScene(None)
+    colors.SetMRMLScene(None)
+    mrml.Clear(1)
+    slicer.mrmlScene = previous
+
+
 def rotation_matrix(z_deg: float = 30.0, x_deg: float = 10.0) -> np.ndarray:
     """A proper rotation (det +1): ``z_deg`` about z, then ``x_deg`` about x."""
     z, x = np.radians(z_deg), np.radians(x_deg)

@@ -30,23 +30,6 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RAS_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
-@pytest.fixture
-def scene():
-    previous = getattr(slicer, "mrmlScene", None)
-    mrml = slicer.vtkMRMLScene()
-    colors = slicer.vtkMRMLColorLogic()
-    colors.SetMRMLScene(mrml)
-    colors.AddDefaultColorNodes()
-    segmentations = slicer.vtkSlicerSegmentationsModuleLogic()
-    segmentations.SetMRMLScene(mrml)
-    slicer.mrmlScene = mrml
-    yield mrml
-    segmentations.SetMRMLScene(None)
-    colors.SetMRMLScene(None)
-    mrml.Clear(1)
-    slicer.mrmlScene = previous
-
-
 def ct_volume(shape_zyx=(10, 24, 28), direction=None, spacing=(0.8, 0.9, 2.5), origin=(-12.5, 30.25, -7.125)) -> Volume:
     """Distinct int16 values, anisotropic spacing, rotated direction: geometry mistakes show."""
     array = ((np.arange(int(np.prod(shape_zyx))) * 7) % 3001 - 1000).reshape(shape_zyx).astype(np.int16)

@@ -175,6 +175,55 @@ def test_ema_updates_the_target_model():
     assert not any(p.requires_grad for p in mt.target.parameters())
 
 
+def _box_only_batch(rng, n=8, size=16):
+    """Slices whose tumour disc is invisible (no contrast): the attention box is the only cue.
+
+    Even slices hold a disc filling most of the box, odd slices the same box and no tumour."""
+    img = torch.from_numpy(rng.normal(0.3, 0.05, (n, 1, size, size)).astype(np.float32))
+    tumour = np.zeros((n, 1, size, size), np.float32)
+    yy, xx = np.mgrid[:size, :size] + 0.5
+    boxes = np.zeros((n, 4), np.float32)
+    for i in range(n):
+        cx, cy = rng.uniform(6, 10, 2)
+        boxes[i] = [cx, cy, 6, 6]
+        if i % 2 == 0:
+            tumour[i, 0][(xx - cx) ** 2 + (yy - cy) ** 2 < 9.0] = 1
+    return {"image": img, "box": boxes, "tumour": torch.from_numpy(tumour), "liver": torch.ones(n, 1, size, size),
+            "pixel": torch.ones(n, dtype=torch.bool)}
+
+
+def _tumour_called_on_empty_slices(bce: float) -> float:
+    from WeakLiverSegLib.networks.dense_unet import DenseUNet2D
+    from WeakLiverSegLib.recipes import wsts
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    net = DenseUNet2D(2, 2, stem=4, growth=4, layers=1, levels=2, dropout=0.0)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(40):
+        b = _box_only_batch(rng)
+        loss, _, _ = wsts.student_loss(net(U.with_attention(b["image"], b["box"])), b, 1.0, bce)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    b = _box_only_batch(rng)
+    with torch.no_grad():
+        p = torch.sigmoid(net.eval()(U.with_attention(b["image"], b["box"])))[:, 1]
+    return float((p[1::2] > 0.75).float().mean())
+
+
+def test_student_loss_does_not_learn_tumour_equals_box():
+    """The study's failure (recall ~100 %, Dice ~5 %): with Dice alone the student calls the whole
+    attention box tumour at 0.75, tumour-free slices included; the default loss (+ cross-entropy) does not."""
+    from WeakLiverSegLib.recipes import wsts
+
+    box_area = 36 / 256
+    dice_only = _tumour_called_on_empty_slices(0.0)
+    default = _tumour_called_on_empty_slices(wsts.DEFAULTS["student"]["bce"])
+    assert dice_only > 0.7 * box_area            # the trap is real
+    assert default < 0.6 * dice_only
+
+
 # ----------------------------------------------------------------------------- recipe
 
 

@@ -5,7 +5,7 @@ multi-scale uncertainty (the WSTS paper, section 3.1.2, Eq. 18-20).
   moving average of the online ones (``beta`` 0.99), updated after every online step.
 * Input: image channel(s) + the hard attention map of the detection box, with Gaussian noise
   (clipped to [-clip, clip], the paper's [-0.1, 0.1]) on the image channels.
-* Loss (Eq. 18): Dice on the pixel-labelled samples + ``gamma(t)`` x self-consistency (Eq. 19):
+* Loss (Eq. 18): Dice (+ optional ``bce`` x cross-entropy, see ``seg_loss``) on the pixel-labelled samples + ``gamma(t)`` x self-consistency (Eq. 19):
   the squared difference of the online and target tumour probabilities, averaged over the
   pixels whose uncertainty ``u`` is below ``H``.
 * ``u`` (Eq. 20): the target model sees nine inputs whose attention boxes are the detection
@@ -115,6 +115,21 @@ def dice_loss(p: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch
     return 1.0 - (2.0 * inter + eps) / (p.sum() + target.sum() + eps)
 
 
+def seg_loss(logits: torch.Tensor, target: torch.Tensor, bce: float = 0.0) -> torch.Tensor:
+    """Dice loss of ``sigmoid(logits)`` + ``bce`` x binary cross-entropy (pixel mean).
+
+    Pure soft Dice (the paper) with the box as hard attention has a cheap optimum in a short run:
+    "tumour = the whole box", on every slice, since false positives in a mostly empty batch cost
+    Dice little.  The cross-entropy term supervises every pixel (outside the box and on
+    tumour-free slices too) and keeps the probabilities calibrated for a fixed threshold.
+    """
+    target = target.to(logits.dtype)
+    loss = dice_loss(torch.sigmoid(logits), target)
+    if bce > 0:
+        loss = loss + bce * nn.functional.binary_cross_entropy_with_logits(logits, target)
+    return loss
+
+
 @torch.no_grad()
 def ema_update(target: nn.Module, online: nn.Module, beta: float) -> None:
     """target = beta * target + (1 - beta) * online (parameters); buffers (batch-norm statistics) likewise."""
@@ -137,7 +152,7 @@ class MeanTeacher:
 
     def __init__(self, online: nn.Module, optimizer: torch.optim.Optimizer, ema: float = 0.99,
                  noise_std: float = 0.05, noise_clip: float = 0.1, consistency: float = 1.0,
-                 uncertainty: str = "multiscale", rampup: float = 0.5, warmup: float = 0.5):
+                 uncertainty: str = "multiscale", rampup: float = 0.5, warmup: float = 0.5, bce: float = 0.0):
         if uncertainty not in UNCERTAINTY_KINDS:
             raise ValueError(f"uncertainty must be one of {UNCERTAINTY_KINDS}, got {uncertainty!r}")
         self.online = online
@@ -146,6 +161,7 @@ class MeanTeacher:
         self.ema, self.noise_std, self.noise_clip = float(ema), float(noise_std), float(noise_clip)
         self.consistency, self.uncertainty = float(consistency), uncertainty
         self.rampup, self.warmup = float(rampup), float(warmup)
+        self.bce = float(bce)
 
     def step(self, batch: dict, t: int, total: int) -> dict:
         self.online.train()
@@ -153,11 +169,12 @@ class MeanTeacher:
         images, boxes = batch["image"], batch["box"]
         c = images.shape[1]
         x = with_attention(images, boxes)
-        p_on = torch.sigmoid(self.online(add_noise(x, self.noise_std, self.noise_clip, c))[:, :1].float())
+        logits = self.online(add_noise(x, self.noise_std, self.noise_clip, c))[:, :1].float()
+        p_on = torch.sigmoid(logits)
         lab = batch["labelled"]
         sup = torch.zeros((), device=images.device)
         if bool(lab.any()):
-            sup = dice_loss(p_on[lab], batch["target"][lab].to(p_on))
+            sup = seg_loss(logits[lab], batch["target"][lab], self.bce)
         gamma = self.consistency * ramp_up(t, int(self.rampup * total))
         beta_p = ramp_up(t, int(self.warmup * total))
         with torch.no_grad():

@@ -44,11 +44,11 @@ sys.path.insert(0, str(REPO))
 from WeakLiverSegLib import phantom  # noqa: E402
 from WeakLiverSegLib.metrics import binary_metrics  # noqa: E402
 from WeakLiverSegLib.recipes import wsts  # noqa: E402
-from WeakLiverSegLib.usse import add_noise, dice_loss  # noqa: E402
+from WeakLiverSegLib.usse import add_noise, seg_loss  # noqa: E402
 
 FULL = {
     "cohort": {"cases": 22, "test": 6, "shape": (64, 64, 24), "spacing": (2.25, 2.25, 4.0), "noise": 10.0,
-               "plain_contrast": -8.0, "enhanced_contrast": -45.0, "tumor_radius_mm": (7.0, 16.0), "seed": 5},
+               "plain_contrast": -25.0, "enhanced_contrast": -45.0, "tumor_radius_mm": (7.0, 16.0), "seed": 5},
     "config": {
         "spacing_mm": 2.25, "context": 0,
         "network": {"stem": 8, "growth": 6, "layers": 2, "levels": 3},
@@ -157,17 +157,17 @@ def eval_self_ensembling(stages, test, cfg, phase) -> dict:
         w = item[0]
         boxes = wsts.detect_case(pols, w, phase, env, stages.dev)
         img = torch.from_numpy(wsts._inputs(w, phase, np.arange(w.shape[0]), cfg["context"]))
-        probs = stages.usse.predict(img, boxes, cfg["infer_batch"])[:, 0].numpy()
+        probs = stages.usse.predict(img.to(stages.dev), boxes, cfg["infer_batch"])[:, 0].cpu().numpy()
         per.append(score(probs, None, item, cfg))
     return {"cases": per, "summary": summarize(per)}
 
 
-def detection(det, test, cfg) -> dict:
+def detection(det, test, cfg, device="cpu") -> dict:
     env = wsts.box_env(cfg)
     cases = [t[0] for t in test]
-    out = {"teacher": wsts.detection_iou(det.policies("teacher"), cases, det.act_phase, env)}
+    out = {"teacher": wsts.detection_iou(det.policies("teacher"), cases, det.act_phase, env, device)}
     if det.student is not None:
-        out["student"] = wsts.detection_iou(det.policies("student"), cases, det.imitate_phase, env)
+        out["student"] = wsts.detection_iou(det.policies("student"), cases, det.imitate_phase, env, device)
     return out
 
 
@@ -175,8 +175,8 @@ def detection(det, test, cfg) -> dict:
 
 
 class Runner:
-    def __init__(self, cfg, train, test, log):
-        self.cfg, self.train, self.test, self.log = cfg, train, test, log
+    def __init__(self, cfg, train, test, log, device="cpu"):
+        self.cfg, self.train, self.test, self.log, self.dev = cfg, train, test, log, device
         self.detectors = {}
         self.seconds = {}
         self.truths = {c.id: c.tumour for c in train}
@@ -192,7 +192,7 @@ class Runner:
         rng = np.random.default_rng(cfg["seed"])
         env = wsts.box_env(cfg)
         images, targets, _ = wsts.rl_slices(cases, (act_phase,) + ((imitate_phase,) if imitate_phase else ()), env.size)
-        det = wsts.make_detector(cfg, images, targets, rng, "cpu", act_phase, imitate_phase)
+        det = wsts.make_detector(cfg, images, targets, rng, self.dev, act_phase, imitate_phase)
         steps = cfg["detector"]["steps"]
         rewards = []
         for step in range(steps):
@@ -215,7 +215,7 @@ class Runner:
         boxed = with_kinds(self.train, n_pixel + n_box, 0)     # the boxes the detector learns from
         det = self.detector(det_key, boxed, agents, cfg["teacher_phase"], cfg["student_phase"])
         torch.manual_seed(cfg["seed"])
-        stages = wsts._Stages(cfg, cases, "cpu", None, np.random.default_rng(cfg["seed"] + 1), detector=det)
+        stages = wsts._Stages(cfg, cases, self.dev, None, np.random.default_rng(cfg["seed"] + 1), detector=det)
         stages.after_detector()
         if stages.usse is not None:
             stages.run("usse", cfg["usse"]["steps"])
@@ -239,7 +239,7 @@ class Runner:
         cases = with_kinds(self.train, n_pixel, n_box)
         boxed = with_kinds(self.train, n_pixel + n_box, 0)
         det = self.detector("plain-single", boxed, 1, plain, None)
-        stages = wsts._Stages(cfg, cases, "cpu", None, np.random.default_rng(cfg["seed"] + 1), detector=det)
+        stages = wsts._Stages(cfg, cases, self.dev, None, np.random.default_rng(cfg["seed"] + 1), detector=det)
         stages.after_detector()
         stages.run("usse", cfg["usse"]["steps"])
         result = eval_self_ensembling(stages, self.test, cfg, plain)
@@ -258,16 +258,16 @@ class Runner:
             c.det["student"] = np.zeros((c.shape[0], 4), np.float32)
         torch.manual_seed(cfg["seed"])
         rng = np.random.default_rng(cfg["seed"] + 1)
-        net = BasicUNet(2, 2 * cfg["context"] + 1, 2, features=(8, 16, 32, 64, 128, 8), dropout=0.1)
+        net = BasicUNet(2, 2 * cfg["context"] + 1, 2, features=(8, 16, 32, 64, 128, 8), dropout=0.1).to(self.dev)
         opt = torch.optim.Adam(net.parameters(), lr=cfg["student"]["lr"])
         s = cfg["student"]
         for step in range(s["steps"]):
             wsts._set_lr(opt, wsts.stage_lr(s, step, s["steps"]))
             net.train()
-            batch = wsts.sample_student_batch(cases, cfg, rng, cfg["student_phase"], "cpu")
+            batch = wsts.sample_student_batch(cases, cfg, rng, cfg["student_phase"], self.dev)
             x = add_noise(batch["image"], s["noise_std"], s["noise_clip"])
-            p = torch.sigmoid(net(x).float())
-            loss = dice_loss(p[:, 1:2], batch["tumour"]) + dice_loss(p[:, 0:1], batch["liver"])
+            logits = net(x).float()
+            loss = seg_loss(logits[:, 1:2], batch["tumour"], s["bce"]) + seg_loss(logits[:, 0:1], batch["liver"], s["bce"])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -276,8 +276,8 @@ class Runner:
         with torch.no_grad():
             for item in self.test:
                 img = item[0].images[cfg["student_phase"]]
-                x = torch.from_numpy(wsts.slice_groups(img, np.arange(img.shape[0]), cfg["context"]))
-                p = torch.sigmoid(net(x).float()).numpy()
+                x = torch.from_numpy(wsts.slice_groups(img, np.arange(img.shape[0]), cfg["context"])).to(self.dev)
+                p = torch.sigmoid(net(x).float()).cpu().numpy()
                 per.append(score(p[:, 1], p[:, 0], item, cfg))
         result = {"cases": per, "summary": summarize(per)}
         self.seconds[name] = round(time.monotonic() - t0, 1)
@@ -310,7 +310,8 @@ def fmt(s: dict, key: str, pct=True) -> str:
 
 def markdown(res: dict) -> str:
     lines = ["# WSTS studies (issue 5)", "",
-             f"Command: `{res['command']}`  ", f"Wall time: {res['seconds']['total']:.0f} s on CPU (1 thread).", "",
+             f"Command: `{res['command']}`  ", f"Wall time: {res['seconds']['total']:.0f} s, device {res.get('device', 'cpu')}, "
+             f"{res.get('jobs', 1)} runs in parallel (one CPU thread each).", "",
              "Cohort: " + json.dumps(res["cohort"]), "", "Config overrides: `" + json.dumps(res["config_overrides"]) + "`", "",
              "Tumour metrics on the **plain (non-enhanced) phase** of the test cases, threshold 0.75, per case mean ± std "
              "(Dice, recall, kappa in %, HD95 in mm; HD95 only where both masks are non-empty).", ""]
@@ -338,15 +339,74 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+def job_list(n: int, plan: dict) -> list:
+    """Every run of the study as (table, row name, kind, arguments); each job trains its own detectors."""
+    half = n // 2
+    jobs = [("both", "WSTS", "wsts", ("wsts", half, n - half, "dual"), {}),
+            ("mix", "WSTS", "wsts", (f"wsts {n}+0", n, 0, "dual"), {})]
+    for npix in plan["pixel_only"]:
+        npix = min(npix, n)
+        key = "dual" if npix == n else f"dual-pixel{npix}"
+        jobs.append(("mix", "WSTS student, pixel labels only", "wsts", (f"wsts {npix}+0 alone", npix, 0, key), {}))
+    for npix in plan["unet"]:
+        jobs.append(("mix", "U-Net (plain phase)", "unet", (f"unet {min(npix, n)}", min(npix, n)), {}))
+    for name, key, agents, unc in (("TCH-ST", "single", 1, "none"), ("TCH-ST + DDRL", "dual", 2, "none"),
+                                   ("TCH-ST + USSE", "single", 1, "multiscale")):
+        jobs.append(("control", name, "wsts", (name.lower(), half, n - half, key), {"agents": agents, "uncertainty": unc}))
+    jobs.append(("control", "Baseline (DRL + SE on plain)", "baseline", ("baseline", half, n - half), {}))
+    for npix, nbox in plan["mix"]:
+        npix = min(npix, n)
+        nbox = min(nbox, n - npix)
+        if (npix, nbox) not in ((half, n - half), (n, 0)):
+            jobs.append(("mix", "WSTS", "wsts", (f"wsts {npix}+{nbox}", npix, nbox, "dual"), {}))
+    return jobs
+
+
+CONTROL_ORDER = ["Baseline (DRL + SE on plain)", "TCH-ST", "TCH-ST + DDRL", "TCH-ST + USSE", "WSTS"]
+
+
+def run_job(ds_root: str, config: dict, job: tuple, device: str, t_start: float) -> dict:
+    """One study run in its own process: load the cohort, train, evaluate; detection of the detectors it trained."""
+    torch.set_num_threads(1)
+    from WeakLiverSegLib.store import Dataset
+
+    table, name, kind, args, kwargs = job
+    cfg = wsts.resolve_config(config)
+    train, test = prepare(Dataset.load(Path(ds_root)), cfg)
+
+    def log(msg):
+        print(f"[{time.monotonic() - t_start:7.0f}s] {msg}", flush=True)
+
+    runner = Runner(cfg, train, test, log, device)
+    fn = {"wsts": runner.wsts_run, "unet": runner.unet_run, "baseline": runner.baseline_run}[kind]
+    result = fn(*args, **kwargs)
+    det = {}
+    for key, d in runner.detectors.items():
+        r = detection(d, test, cfg, device)
+        for role in r:
+            r[role]["phase"] = d.act_phase if role == "teacher" else d.imitate_phase
+        det[key] = r
+    npix = args[1]
+    nbox = args[2] if kind != "unet" else 0
+    return {"table": table, "row": {"name": name, "pixel": npix, "box": nbox, **result},
+            "seconds": runner.seconds, "detection": det}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True, help="work folder (cohort); results go to docs/results/ too")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, numbers mean nothing")
     ap.add_argument("--results", default=str(REPO / "docs" / "results"), help="where to write wsts_experiments.{json,md}")
+    ap.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs in parallel processes (each one thread)")
+    ap.add_argument("--plain-contrast", type=float, default=None,
+                    help="plain-phase tumour minus liver HU of the cohort (default: the plan's)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.monotonic()
-    plan = SMOKE if args.smoke else FULL
+    plan = copy.deepcopy(SMOKE if args.smoke else FULL)
+    if args.plain_contrast is not None:
+        plan["cohort"]["plain_contrast"] = float(args.plain_contrast)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -357,76 +417,58 @@ def main(argv=None) -> int:
     if (ds_root / "dataset.json").exists():
         from WeakLiverSegLib.store import Dataset
         ds = Dataset.load(ds_root)
+        if json.loads((ds_root / "study_cohort.json").read_text()) != plan["cohort"]:
+            raise SystemExit(f"{ds_root}: holds a cohort with other settings; use another --out")
     else:
         ds = make_cohort(ds_root, plan["cohort"])
+        (ds_root / "study_cohort.json").write_text(json.dumps(plan["cohort"]))
     cfg = wsts.resolve_config(plan["config"])
     train, test = prepare(ds, cfg)
-    log(f"cohort: {len(train)} train, {len(test)} test cases")
-    runner = Runner(cfg, train, test, log)
     n = len(train)
     half = n // 2
+    log(f"cohort: {len(train)} train, {len(test)} test cases; plain contrast {plan['cohort']['plain_contrast']} HU")
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     stem = "wsts_experiments_smoke" if args.smoke else "wsts_experiments"
+    seconds = {}
     res = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
+           "device": args.device, "jobs": args.jobs,
            "cohort": {k: list(v) if isinstance(v, tuple) else v for k, v in plan["cohort"].items()},
            "config_overrides": plan["config"], "config": cfg, "control": [], "mix": [], "detection": {},
-           "checks": [], "seconds": runner.seconds, "smoke": bool(args.smoke), "complete": False}
+           "checks": [], "seconds": seconds, "smoke": bool(args.smoke), "complete": False}
 
     def save():
-        runner.seconds["total"] = round(time.monotonic() - t_start, 1)
+        seconds["total"] = round(time.monotonic() - t_start, 1)
+        res["control"].sort(key=lambda r: CONTROL_ORDER.index(r["name"]) if r["name"] in CONTROL_ORDER else 99)
+        res["mix"].sort(key=lambda r: (r["name"] != "WSTS", r["name"], r["pixel"], r["box"]))
         (results / f"{stem}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
         (results / f"{stem}.md").write_text(markdown(res))
 
-    # the runs the issue's checks need first, then the rest of the tables
-    control, mix = res["control"], res["mix"]
-    log("WSTS half / half, all-pixel, pixel half alone, U-Net")
-    wsts_half = runner.wsts_run("wsts", half, n - half, "dual")
-    control.append({"name": "WSTS", "pixel": half, "box": n - half, **wsts_half})
-    mix.append({"name": "WSTS", "pixel": half, "box": n - half, **wsts_half})
-    save()
-    mix.append({"name": "WSTS", "pixel": n, "box": 0, **runner.wsts_run(f"wsts {n}+0", n, 0, "dual")})
-    save()
-    for npix in plan["pixel_only"]:
-        npix = min(npix, n)
-        key = "dual" if npix == n else f"dual-pixel{npix}"
-        mix.append({"name": "WSTS student, pixel labels only", "pixel": npix, "box": 0,
-                    **runner.wsts_run(f"wsts {npix}+0 alone", npix, 0, key)})
-        save()
-    for npix in plan["unet"]:
-        npix = min(npix, n)
-        mix.append({"name": "U-Net (plain phase)", "pixel": npix, "box": 0, **runner.unet_run(f"unet {npix}", npix)})
+    def collect(done):
+        row = done["row"]
+        if done["table"] in ("both", "control"):
+            res["control"].append(row)
+        if done["table"] in ("both", "mix"):
+            res["mix"].append(row)
+        seconds.update(done["seconds"])
+        for key, d in done["detection"].items():
+            res["detection"].setdefault(key, d)
+        log(f"done: {row['name']} {row['pixel']}+{row['box']}: Dice {row['summary']['dice']['mean']}")
         save()
 
-    log("control experiments")
-    for name, key, agents, unc in (("TCH-ST", "single", 1, "none"), ("TCH-ST + DDRL", "dual", 2, "none"),
-                                   ("TCH-ST + USSE", "single", 1, "multiscale")):
-        control.insert(len(control) - 1, {"name": name, "pixel": half, "box": n - half,
-                                          **runner.wsts_run(name.lower(), half, n - half, key, agents=agents,
-                                                            uncertainty=unc)})
-        save()
-    control.insert(0, {"name": "Baseline (DRL + SE on plain)", "pixel": half, "box": n - half,
-                       **runner.baseline_run("baseline", half, n - half)})
-    save()
+    jobs = job_list(n, plan)
+    log(f"{len(jobs)} runs, {args.jobs} at a time, device {args.device}")
+    if args.jobs <= 1:
+        for job in jobs:
+            collect(run_job(str(ds_root), plan["config"], job, args.device, t_start))
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    log("other label mixes")
-    for npix, nbox in plan["mix"]:
-        npix, nbox = min(npix, n), min(nbox, n - min(npix, n))
-        if (npix, nbox) in ((half, n - half), (n, 0)):
-            continue
-        mix.append({"name": "WSTS", "pixel": npix, "box": nbox,
-                    **runner.wsts_run(f"wsts {npix}+{nbox}", npix, nbox, "dual")})
-        save()
-    mix.sort(key=lambda r: (r["name"] != "WSTS", r["name"], r["pixel"], r["box"]))
-
-    save()
-    log("detection")
-    det = res["detection"]
-    for key, d in runner.detectors.items():
-        r = detection(d, test, cfg)
-        for role in r:
-            r[role]["phase"] = d.act_phase if role == "teacher" else d.imitate_phase
-        det[key] = r
+        with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
+            futures = [pool.submit(run_job, str(ds_root), plan["config"], job, args.device, t_start) for job in jobs]
+            for f in as_completed(futures):
+                collect(f.result())
 
     def dice_of(rows, name, npix, nbox):
         for r in rows:
@@ -435,9 +477,10 @@ def main(argv=None) -> int:
         return None
 
     checks = []
-    d_half = wsts_half["summary"]["dice"]["mean"]
-    d_alone = dice_of(mix, "WSTS student, pixel labels only", half, 0)
-    d_full = dice_of(mix, "WSTS", n, 0)
+    det = res["detection"]
+    d_half = dice_of(res["mix"], "WSTS", half, n - half)
+    d_alone = dice_of(res["mix"], "WSTS student, pixel labels only", half, 0)
+    d_full = dice_of(res["mix"], "WSTS", n, 0)
     if d_alone is not None:
         checks.append(f"WSTS {half} pixel + {n - half} box vs the same student on the {half} pixel cases alone: "
                       f"Dice {d_half:.3f} vs {d_alone:.3f} -> {'beats' if d_half > d_alone else 'does NOT beat'} it")

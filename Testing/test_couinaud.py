@@ -153,6 +153,22 @@ def test_constructor_per_segment_dice_on_a_phantom_case(phantom_case):
     assert lm.found == {"ivc": True, "portal": True, "veins": True}
 
 
+def test_liver_only_mask_of_a_tumour_labelled_case_stays_weak(phantom_case):
+    """A drawn liver without tumour plus ticked segments: liver from the mask, tumour from the labels."""
+    from types import SimpleNamespace
+
+    hu = phantom_case["enhanced"]
+    liver = phantom_case["label"].array >= 1
+    loaded = {"hu": hu, "image": window(hu.array), "mask": liver.astype(np.uint8)}
+    cfg = couinaud.resolve_config({})
+    labelled = SimpleNamespace(id="c", mask="masks/c.nii.gz", couinaud=[6], volume_label="tumour")
+    weak = couinaud.make_weak_case(labelled, loaded, liver, "mask", cfg)
+    assert (weak.kind, weak.pathological, weak.segments, weak.tumour) == ("couinaud", True, [6], None)
+    healthy = SimpleNamespace(id="h", mask="masks/h.nii.gz", couinaud=[], volume_label="healthy")
+    strong = couinaud.make_weak_case(healthy, loaded, liver, "mask", cfg)
+    assert strong.kind == "mask" and not strong.pathological and not strong.tumour.any()
+
+
 def test_constructor_works_in_world_coordinates(phantom_case):
     """The same anatomy stored with the x axis flipped gives the same (flipped) map."""
     img, lab = phantom_case["enhanced"], phantom_case["label"]

@@ -358,7 +358,12 @@ def make_weak_case(case, loaded: dict, liver: np.ndarray, liver_source: str, cfg
     tumour = None
     if kind == "mask":
         tumour = mask == 2
-        pathological = bool(tumour.any())
+        if tumour.any() or not pathological:
+            pathological = bool(tumour.any())
+        else:
+            # a liver-only mask of a case labelled as tumorous (e.g. the liver drawn, segment VI ticked):
+            # the mask gives the liver, the weak labels the tumour -- never train it as healthy
+            kind, tumour = ("couinaud" if segments else "volume"), None
     return WeakCase(case.id, kind, loaded["image"], liver, cm.array, pathological, segments,
                     float(loaded["hu"].spacing[2]), tumour, liver_source, lm.to_json())
 

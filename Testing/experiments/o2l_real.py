@@ -1,0 +1,151 @@
+"""O2L teacher on real CT: tumour pseudo-labels of 3D-IRCADb from per-slice boxes (not collected by pytest).
+
+    python Testing/experiments/o2l_real.py --out DIR --target p17 --strong p01 [--synthetic 12] [--set k=v ...]
+
+The teacher trains on the strong cases: ``--strong`` IRCADb patients (CT + expert mask) plus
+``--synthetic`` phantom cases with masks.  The target patient enters the store as a weak case: its
+CT, a liver box and per-slice tumour boxes derived from its mask (the mask itself is not stored).
+The teacher's tumour pseudo-label is scored against the target's mask, beside filling the boxes.
+
+Protocol: settings are chosen on p01 -- ``--target p01 --strong`` (synthetic strong cases only) or
+``--target p01 --split-z 86`` (p01's lower slices strong, its upper slices weak); ``p17`` is only
+measured, never tuned on (../shared/data/README.md).  Writes ``DIR/o2l_real_<target>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "ircadb"
+
+
+def dice(a, b) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
+def slab(volume, z0: int, z1: int):
+    """Slices z0..z1-1 of a Volume as a Volume with the matching world origin."""
+    from WeakLiverSegLib.volume import Volume
+
+    origin = volume.index_to_world((0, 0, z0))
+    return Volume(volume.array[z0:z1].copy(), volume.spacing, tuple(origin), volume.direction)
+
+
+def build_split_store(out: Path, patient: str, synthetic, seed, split_z: int):
+    """Development store from one patient: the slices below ``split_z`` strong (mask), the rest weak."""
+    from WeakLiverSegLib import phantom
+    from WeakLiverSegLib.boxes import boxes_from_mask, liver_box_from_mask
+    from WeakLiverSegLib.imageio import read_image, read_label_map
+    from WeakLiverSegLib.store import Dataset
+
+    if synthetic:
+        phantom.generate_cohort(out, cases=synthetic, seed=seed, mix="strong=1.0")
+        ds = Dataset.load(out)
+    else:
+        ds = Dataset.create(out, name="o2l-real-split")
+    ct = read_image(DATA / patient / "ct.nii.gz")
+    label = read_label_map(DATA / patient / "label.nii.gz")
+    n = ct.array.shape[0]
+    for name, (z0, z1), weak in (("lower", (0, split_z), False), ("upper", (split_z, n), True)):
+        lab = slab(label, z0, z1)
+        ds.add_case(f"ircadb_{patient}_{name}", {"enhanced": slab(ct, z0, z1)}, mask=None if weak else lab,
+                    boxes=boxes_from_mask(lab.array, 2, per_slice=True), liver_box=liver_box_from_mask(lab.array))
+    return ds
+
+
+def build_store(out: Path, strong, target, synthetic, seed):
+    from WeakLiverSegLib import phantom
+    from WeakLiverSegLib.boxes import boxes_from_mask, liver_box_from_mask
+    from WeakLiverSegLib.imageio import read_image, read_label_map
+    from WeakLiverSegLib.store import Dataset
+
+    if synthetic:
+        phantom.generate_cohort(out, cases=synthetic, seed=seed, mix="strong=1.0")
+        ds = Dataset.load(out)
+    else:
+        ds = Dataset.create(out, name="o2l-real")
+    for patient, weak in [(p, False) for p in strong] + [(target, True)]:
+        ct = read_image(DATA / patient / "ct.nii.gz")
+        label = read_label_map(DATA / patient / "label.nii.gz")
+        boxes = boxes_from_mask(label.array, 2, per_slice=True)
+        ds.add_case(f"ircadb_{patient}", {"enhanced": ct}, mask=None if weak else label, boxes=boxes,
+                    liver_box=liver_box_from_mask(label.array))
+    return ds
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--target", default="p17")
+    ap.add_argument("--strong", nargs="*", default=["p01"])
+    ap.add_argument("--synthetic", type=int, default=12)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--split-z", type=int, default=None,
+                    help="development mode: slices of --target below this index are the strong case, the rest "
+                         "the weak one (use with p01 only)")
+    a = ap.parse_args()
+    from WeakLiverSegLib.boxes import box_mask
+    from WeakLiverSegLib.cli import parse_overrides
+    from WeakLiverSegLib.config import deep_update
+    from WeakLiverSegLib.imageio import read_label_map
+    from WeakLiverSegLib.modelstore import load_model
+    from WeakLiverSegLib.progress import Progress
+    from WeakLiverSegLib.recipes import o2l
+
+    from WeakLiverSegLib.store import Dataset
+
+    out = Path(a.out)
+    # The student is not part of this study: one step keeps the pipeline whole and cheap.
+    cfg = deep_update({"seed": a.seed, "student": {"steps": 1}}, parse_overrides(a.set))
+    if (out / "model" / "model.json").exists():     # re-score an earlier run (e.g. new metrics)
+        ds = Dataset.load(out / "store")
+    else:
+        ds = (build_split_store(out / "store", a.target, a.synthetic, a.seed, a.split_z) if a.split_z is not None
+              else build_store(out / "store", a.strong, a.target, a.synthetic, a.seed))
+        o2l.train(ds, out / "model", cfg, a.device, Progress("bar"))
+    model = load_model(out / "model")
+    cfg = model.meta["training"]["config"]
+    if a.split_z is not None:
+        if a.target == "p17":
+            raise SystemExit("--split-z is for development on p01, never on p17")
+        case = ds.cases[f"ircadb_{a.target}_upper"]
+        truth = read_label_map(DATA / a.target / "label.nii.gz").array[a.split_z:]
+    else:
+        case = ds.cases[f"ircadb_{a.target}"]
+        truth = read_label_map(DATA / a.target / "label.nii.gz").array
+    image = ds.read_image(case.id)
+    tumour = truth == 2
+    result = {
+        "command": "python " + " ".join(sys.argv),
+        "target": a.target, "strong": a.strong, "synthetic_strong_cases": a.synthetic, "config": cfg,
+        "tumour_boxes": len(case.boxes),
+        "tumour_dice_box_fill": round(dice(box_mask(truth.shape, case.boxes), tumour), 4),
+        "train_seconds": model.meta["training"]["seconds"].get("total"),   # as recorded when it was trained
+    }
+    # The paper's teacher output, and the same clipped to the boxes (teacher.box_constraint).
+    for constrained in (False, True):
+        model.meta["training"]["config"]["teacher"]["box_constraint"] = constrained
+        t0 = time.monotonic()
+        r = o2l.segment(model, {"enhanced": image}, boxes=[case.liver_box] + list(case.boxes), device=a.device,
+                        use_teacher=True)
+        key = "box_constrained" if constrained else "teacher"
+        result[f"pseudo_label_seconds_{key}"] = round(time.monotonic() - t0, 1)
+        result[f"tumour_dice_{key}"] = round(dice(r.labels.array == 2, tumour), 4)
+        result[f"liver_dice_{key}"] = round(dice(r.labels.array >= 1, truth >= 1), 4)
+    (out / f"o2l_real_{a.target}{'' if a.split_z is None else f'_split{a.split_z}'}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -92,6 +92,39 @@ def _train_pair(relative_entropy: float, updates: int = 30) -> float:
     return R.policy_kl(agents[0].pi, agents[1].pi, images, sl, boxes[:16], samples=16)
 
 
+def _discounted_return(env, policy, target, zeta) -> tuple:
+    """(discounted Eq. 11 return, final IoU) of one episode from the single-agent start box."""
+    box, total = env.starts(1), 0.0
+    for t in range(env.episode_steps):
+        new = env.step(box, policy(box))
+        total += zeta ** t * float(env.reward(R.vertex_distance(box, target), R.vertex_distance(new, target))[0])
+        box = new
+    return total, float(R.iou(box, target)[0])
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_recipe_reward_pays_more_for_reaching_the_tumour_than_for_creeping(size):
+    """Eq. 11 only rewards *that* d decreased; if exp(-d_t / scale) is nearly flat (a large scale), tiny
+    improving steps that never reach the tumour earn a higher return than going there, so the optimal
+    policy does not localise (the detectors' IoU stayed at a few %)."""
+    from WeakLiverSegLib.recipes import wsts
+
+    cfg = wsts.resolve_config({"detector": {"size": size}})
+    env, zeta = wsts.box_env(cfg), cfg["detector"]["zeta"]
+    moves = np.array(np.meshgrid(*[np.linspace(-1, 1, 3)] * 4)).reshape(4, -1).T.astype(np.float32)
+    for target in (np.array([[0.75, 0.25, 0.25, 0.25]]), np.array([[0.3, 0.7, 0.15, 0.2]])):
+        target = (target * size).astype(np.float32)
+
+        def greedy(box):   # the move that most decreases the vertex distance
+            d = R.vertex_distance(env.step(np.repeat(box, len(moves), 0), moves), np.repeat(target, len(moves), 0))
+            return moves[None, int(np.argmin(d))]
+
+        reach, reach_iou = _discounted_return(env, greedy, target, zeta)
+        creep, creep_iou = _discounted_return(env, lambda box: 0.02 * greedy(box), target, zeta)
+        assert reach_iou > 0.7 and creep_iou < 0.1
+        assert reach > 1.5 * creep, (reach, creep)
+
+
 def test_relative_entropy_moves_the_two_policies_apart():
     plain = _train_pair(0.0)
     biased = _train_pair(1.0)

@@ -18,8 +18,12 @@ at a time, on a square grid of ``size`` pixels (the slice resampled; the paper: 
 * Reward (Eq. 11): ``exp(-d_t / reward_scale)`` when the summed distance ``d`` of the four box
   vertices to the target box's vertices decreased, else 0.  The paper writes ``exp(-d_t)``
   with d in pixels, which is ~0 for any box more than a few pixels off; ``reward_scale``
-  (pixels) keeps the reward informative (1 = the paper's formula).  A large scale makes the
-  reward nearly "1 if the box improved", so what Q must learn is mostly the action's effect.
+  (pixels) keeps the reward informative (1 = the paper's formula).  It must stay small
+  against the distances an episode covers (about the grid size or less): Eq. 11 pays for
+  *any* decrease of d, so with a nearly flat exp(-d / scale) (the recipe once used 4 x the
+  grid size) tiny steps towards the tumour that never reach it earn a higher discounted
+  return than going there, and the learnt boxes crept, grew or drifted (IoU ~5%).
+  ``Testing/test_wsts.py`` checks that reaching the tumour pays more than creeping.
 * Each agent (RAC) is SAC-style with a state-value V, an action-value Q and a policy head on
   one small CNN per agent (the paper: a ResNet-18 each; sharing cuts the convolutions to a
   third, see ``RAC``), plus a Polyak target V.  The

@@ -101,7 +101,8 @@ DEFAULTS = {
         "px_reference": 256,       # the pixel sizes below are of an image this wide
         "init_box_px": 24.0, "translate_px": 6.0, "scale_px": 4.0,
         "episode_steps": 35,
-        "reward_scale": 4.0,       # d / (reward_scale * size) in Eq. 11's exponent (see rl_boxes)
+        "reward_scale": 0.5,       # d / (reward_scale * size) in Eq. 11's exponent (see rl_boxes); <= ~1, or
+                                   # creeping towards the tumour out-earns reaching it
         "steps": 1500,             # update rounds (each: one step of every parallel episode, then every agent in turn)
         "envs": 8,                 # parallel episodes
         "batch": 80, "memory": 20000,

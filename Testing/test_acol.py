@@ -368,3 +368,25 @@ def test_interrupted_training_resumes_to_the_same_model(cohort, trained, tmp_pat
     for role in ("classifier", "segmenter"):
         for (k, va), vb in zip(a.networks[role].state_dict().items(), b.networks[role].state_dict().values()):
             assert torch.allclose(va.float(), vb.float(), atol=1e-5), (role, k)
+
+
+def test_dice_loss_penalises_false_tumour_on_a_tumour_free_batch():
+    # A batch of healthy slices (or crops beside the tumour) predicting tumour everywhere.  The
+    # tumour-only Dice is a flat 1 there (no gradient): the student never learned "no tumour here"
+    # and marked look-alike organs on held-out cases.  The two-class Dice must push tumour down.
+    labels = torch.zeros(2, 16, 16, dtype=torch.long)
+    logits = torch.zeros(2, 2, 16, 16)
+    logits[:, 1] = 2.0
+    logits.requires_grad_(True)
+    acol.masked_dice_loss(logits, labels, include_background=False).backward()
+    assert float(logits.grad.abs().max()) < 1e-8          # the old loss: blind
+    logits.grad = None
+    loss = acol.masked_dice_loss(logits, labels)
+    loss.backward()
+    assert torch.all(logits.grad[:, 1] > 0) and torch.all(logits.grad[:, 0] < 0)   # descent lowers tumour
+    quiet = logits.detach().clone()
+    quiet[:, 1] = -2.0
+    assert float(acol.masked_dice_loss(quiet, labels)) < float(loss.detach())
+    assert acol.resolve_config({})["segmenter"]["dice_background"] is True
+    with pytest.raises(InputError, match="dice_background"):
+        acol.resolve_config({"segmenter": {"dice_background": "yes"}})

@@ -302,3 +302,41 @@ def _rng_state_from_json(state):
             return np.asarray(state["ndarray"], dtype=state["dtype"])
         return {k: _rng_state_from_json(v) for k, v in state.items()}
     return state
+
+
+def first_difference(a, b, path: str = "") -> str | None:
+    """Dotted path of the first setting where two nested config dicts differ; None when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            d = first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if d:
+                return d
+        return None
+    return None if a == b else (path or "config")
+
+
+def open_run(out: Path, cfg: dict, resume: bool, init=None):
+    """Start or resume the training run in the model folder ``out`` -> ``(checkpointer, saved, init)``.
+
+    ``saved`` is the checkpoint to continue from (``--resume``) or None; ``init`` is the run's
+    ``--init`` model, taken from the checkpoint when resuming. Refuses, with one InputError and
+    nothing changed: a resume without a checkpoint or with other settings than the interrupted
+    run, and a fresh run over an interrupted run or a finished model.
+    """
+    out = Path(out)
+    ckpt = Checkpointer(out / "checkpoint", cfg["checkpoint_every"])
+    if not resume:
+        if ckpt.exists():
+            raise InputError(f"{out}: holds an interrupted training run; pass --resume to continue it, "
+                             f"or choose another --out")
+        if (out / "model.json").exists():
+            raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+        return ckpt, None, init
+    saved = ckpt.load()
+    if saved is None:
+        raise InputError(f"{out}: no checkpoint to resume from (train without --resume to start)")
+    diff = first_difference(saved.meta["extra"].get("config"), cfg)
+    if diff is not None:
+        raise InputError(f"{out}: --resume with different settings than the interrupted run ({diff!r} differs); "
+                         f"use the same command line")
+    return ckpt, saved, saved.meta["extra"].get("init")

@@ -81,7 +81,7 @@ from ..networks.fpn_classifier import FPNACoLClassifier, pad_multiple
 from ..networks.unet2d import BoxAttentionUNet2D
 from ..slices import (HU_WINDOW, PreparedCase, Sampler, _axis_range, box_maps, image_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
-from ..training import Checkpointer, SegmentResult, check_cancelled, make_optimizer, scale_steps, set_lr
+from ..training import open_run, SegmentResult, check_cancelled, make_optimizer, scale_steps, set_lr
 from ..volume import Volume
 
 NAME = "acol"
@@ -710,20 +710,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     t_start = time.monotonic()
     out = Path(out)
     cfg = resolve_config(config, device)
-    ckpt = Checkpointer(out / "checkpoint", cfg["checkpoint_every"])
-    saved = None
-    if resume:
-        saved = ckpt.load()
-        if saved is None:
-            raise InputError(f"{out}: no checkpoint to resume from (train without --resume to start)")
-        if saved.meta["extra"].get("config") != cfg:
-            raise InputError(f"{out}: --resume with different settings than the interrupted run; use the same command line")
-        init = saved.meta["extra"].get("init")
-    else:
-        if ckpt.exists():
-            raise InputError(f"{out}: holds an interrupted training run; pass --resume to continue it, or choose another --out")
-        if (out / "model.json").exists():
-            raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+    ckpt, saved, init = open_run(out, cfg, resume, init)
     train_cases, val = _select_cases(dataset)
     if not train_cases:
         raise InputError(f"{dataset.root}: no training case (boxes or a mask, split train)")

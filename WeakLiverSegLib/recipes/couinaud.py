@@ -64,7 +64,7 @@ from ..networks.unet2d import BoxAttentionUNet2D
 from ..postprocess import fill_holes, largest_component, postprocess
 from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, labels_to_working, resize_slices, slice_groups,
                       to_input_grid, window, working_size)
-from ..training import (Checkpointer, SegmentResult, check_cancelled, lr_at, make_optimizer, scale_steps, set_lr,
+from ..training import (open_run, SegmentResult, check_cancelled, lr_at, make_optimizer, scale_steps, set_lr,
                         soft_cross_entropy)
 from ..volume import Volume
 
@@ -727,20 +727,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     t_start = time.monotonic()
     out = Path(out)
     cfg = resolve_config(config)
-    ckpt = Checkpointer(out / "checkpoint", cfg["checkpoint_every"])
-    saved = None
-    if resume:
-        saved = ckpt.load()
-        if saved is None:
-            raise InputError(f"{out}: no checkpoint to resume from (train without --resume to start)")
-        if saved.meta["extra"].get("config") != cfg:
-            raise InputError(f"{out}: --resume with different settings than the interrupted run; use the same command line")
-        init = saved.meta["extra"].get("init")
-    else:
-        if ckpt.exists():
-            raise InputError(f"{out}: holds an interrupted training run; pass --resume to continue it, or choose another --out")
-        if (out / "model.json").exists():
-            raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+    ckpt, saved, init = open_run(out, cfg, resume, init)
     cases = select_cases(dataset, cfg)
     torch.manual_seed(int(cfg["seed"]))
     rng = np.random.default_rng(int(cfg["seed"]))

@@ -71,7 +71,7 @@ from ..networks.unet2d import ATTENTION_VARIANTS, BoxAttentionUNet2D, fold_batch
 from ..postprocess import postprocess
 from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, box_maps, image_to_working, labels_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
-from ..training import (Checkpointer, SegmentResult, check_cancelled, lr_at, make_optimizer, scale_steps, set_lr,
+from ..training import (open_run, SegmentResult, check_cancelled, lr_at, make_optimizer, scale_steps, set_lr,
                         soft_cross_entropy)
 from ..volume import Volume
 
@@ -374,16 +374,6 @@ def _net_kwargs(cfg, role: str) -> dict:
     }
 
 
-def _first_difference(a, b, path="") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
-            if d:
-                return d
-        return None
-    return None if a == b else path
-
-
 def _select_cases(dataset, cfg, progress):
     strong = [c for c in dataset.cases_with("mask", split="train")]
     weak, skipped = [], []
@@ -450,24 +440,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     t_start = time.monotonic()
     out = Path(out)
     cfg = resolve_config(config)
-    ckpt_folder = Checkpointer(out / "checkpoint", cfg["checkpoint_every"])
-    saved = None
-    if resume:
-        saved = ckpt_folder.load()
-        if saved is None:
-            raise InputError(f"{out}: no checkpoint to resume from (train without --resume to start)")
-        old_cfg = saved.meta["extra"].get("config")
-        diff = _first_difference(old_cfg, cfg)
-        if diff is not None:
-            raise InputError(f"{out}: --resume with different settings than the interrupted run ({diff!r} differs); "
-                             f"use the same command line")
-        init = saved.meta["extra"].get("init")
-    else:
-        if ckpt_folder.exists():
-            raise InputError(f"{out}: holds an interrupted training run; pass --resume to continue it, "
-                             f"or choose another --out")
-        if (out / "model.json").exists():
-            raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+    ckpt_folder, saved, init = open_run(out, cfg, resume, init)
     strong, weak, val, skipped = _select_cases(dataset, cfg, progress)
     use_teacher = needs_teacher(cfg)
 

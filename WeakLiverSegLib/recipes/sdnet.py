@@ -65,7 +65,7 @@ from ..modelstore import LoadedModel, load_model, save_model
 from ..networks.vnet3d import build_network
 from ..postprocess import fill_holes, largest_component
 from ..slices import window
-from ..training import Checkpointer, SegmentResult, check_cancelled, make_optimizer, set_lr
+from ..training import open_run, SegmentResult, check_cancelled, make_optimizer, set_lr
 from ..volume import Volume
 
 NAME = "sdnet"
@@ -436,16 +436,6 @@ def lr_for(step: int, cfg: dict) -> float:
     return float(cfg["lr"]) * float(cfg["lr_gamma"]) ** (step // int(cfg["lr_step"]))
 
 
-def _first_difference(a, b, path=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
-            if d:
-                return d
-        return None
-    return None if a == b else (path or "config")
-
-
 # ----------------------------------------------------------------------------- inference
 
 
@@ -597,23 +587,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     out = Path(out)
     cfg = resolve_config(config)
     roles = ("vnet", "resvnet") if cfg["method"] == "sdnet" else ("vnet",)
-    ckpt = Checkpointer(out / "checkpoint", cfg["checkpoint_every"])
-    saved = None
-    if resume:
-        saved = ckpt.load()
-        if saved is None:
-            raise InputError(f"{out}: no checkpoint to resume from (train without --resume to start)")
-        diff = _first_difference(saved.meta["extra"].get("config"), cfg)
-        if diff is not None:
-            raise InputError(f"{out}: --resume with different settings than the interrupted run ({diff!r} differs); "
-                             f"use the same command line")
-        init = saved.meta["extra"].get("init")
-    else:
-        if ckpt.exists():
-            raise InputError(f"{out}: holds an interrupted training run; pass --resume to continue it, "
-                             f"or choose another --out")
-        if (out / "model.json").exists():
-            raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+    ckpt, saved, init = open_run(out, cfg, resume, init)
 
     labelled, unlabelled, val = _select_cases(dataset, cfg)
     torch.manual_seed(int(cfg["seed"]))

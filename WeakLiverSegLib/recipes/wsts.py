@@ -69,7 +69,7 @@ from ..networks.dense_unet import DenseUNet2D
 from ..postprocess import postprocess
 from ..rl_boxes import BoxEnv, DetectorTrainer, SACSettings, detect, iou, jitter_boxes
 from ..slices import image_to_working, labels_to_working, lesion_boxes_for_slices, resize_slices, slice_groups
-from ..training import Checkpointer, SegmentResult, check_cancelled, scale_steps
+from ..training import open_run, SegmentResult, check_cancelled, scale_steps
 from ..usse import UNCERTAINTY_KINDS, MeanTeacher, add_noise, ramp_up, seg_loss, with_attention
 
 NAME = "wsts"
@@ -662,19 +662,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     cfg = resolve_config(config)
     if init is not None:
         raise InputError("--init: recipe wsts does not support fine-tuning from a model yet; train from scratch")
-    ckpt = Checkpointer(out / "checkpoint", cfg["checkpoint_every"])
-    saved = None
-    if resume:
-        saved = ckpt.load()
-        if saved is None:
-            raise InputError(f"{out}: no checkpoint to resume from (train without --resume to start)")
-        if saved.meta["extra"].get("config") != cfg:
-            raise InputError(f"{out}: --resume with different settings than the interrupted run; use the same command line")
-    else:
-        if ckpt.exists():
-            raise InputError(f"{out}: holds an interrupted training run; pass --resume to continue it, or choose another --out")
-        if (out / "model.json").exists():
-            raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+    ckpt, saved, _ = open_run(out, cfg, resume)
 
     pixel, box, val = select_cases(dataset, cfg)
     if not pixel:

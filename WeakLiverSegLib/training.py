@@ -304,6 +304,12 @@ def _rng_state_from_json(state):
     return state
 
 
+def most_common_phase(cases, default: str) -> str:
+    """The reference phase most cases share (ties: alphabetical, so runs are reproducible)."""
+    phases = [c.reference for c in cases]
+    return max(sorted(set(phases)), key=phases.count) if phases else default
+
+
 def first_difference(a, b, path: str = "") -> str | None:
     """Dotted path of the first setting where two nested config dicts differ; None when equal."""
     if isinstance(a, dict) and isinstance(b, dict):

@@ -81,7 +81,8 @@ from ..networks.fpn_classifier import FPNACoLClassifier, pad_multiple
 from ..networks.unet2d import BoxAttentionUNet2D
 from ..slices import (HU_WINDOW, PreparedCase, Sampler, _axis_range, box_maps, image_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
-from ..training import open_run, SegmentResult, check_cancelled, make_optimizer, scale_steps, set_lr
+from ..training import (SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, scale_steps,
+                        set_lr)
 from ..volume import Volume
 
 NAME = "acol"
@@ -822,8 +823,8 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
         "software": f"weakliverseg {__version__}",
         "labels": dict(LABELS),
         "input": {
-            "phases": [cfg["phase"] or _common_phase(train_cases)],
-            "inference_phases": [cfg["phase"] or _common_phase(train_cases)],
+            "phases": [cfg["phase"] or most_common_phase(train_cases, PHASES["inference"][0])],
+            "inference_phases": [cfg["phase"] or most_common_phase(train_cases, PHASES["inference"][0])],
             "hu_window": list(cfg["hu_window"]),
             "spacing_mm": [float(cfg["spacing_mm"])] * 2,
             "spacing_note": "in-plane working spacing; slices stay native",
@@ -847,11 +848,6 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     save_model(out, meta, networks)
     ckpt.clear()
     return out
-
-
-def _common_phase(cases) -> str:
-    phases = [c.reference for c in cases]
-    return max(set(phases), key=phases.count) if phases else PHASES["inference"][0]
 
 
 def dice(pred, truth) -> float | None:

@@ -64,8 +64,8 @@ from ..networks.unet2d import BoxAttentionUNet2D
 from ..postprocess import fill_holes, largest_component, postprocess
 from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, labels_to_working, resize_slices, slice_groups,
                       to_input_grid, window, working_size)
-from ..training import (open_run, SegmentResult, check_cancelled, lr_at, make_optimizer, scale_steps, set_lr,
-                        soft_cross_entropy)
+from ..training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
+                        scale_steps, set_lr, soft_cross_entropy)
 from ..volume import Volume
 
 NAME = "couinaud"
@@ -864,7 +864,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     networks = {"segmenter": ("BoxAttentionUNet2D", kwargs["segmenter"], nets["segmenter"].eval())}
     if need_net:
         networks["couinaudnet"] = ("CouinaudNet", kwargs["couinaudnet"], nets["couinaudnet"].eval())
-    phase = cfg["phase"] or _common_phase(cases)
+    phase = cfg["phase"] or most_common_phase(cases, PHASES["inference"][0])
     state["seconds"]["total"] = round(time.monotonic() - t_start, 2)
     meta = {
         "recipe": NAME,
@@ -893,11 +893,6 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     save_model(out, meta, networks)
     ckpt.clear()
     return out
-
-
-def _common_phase(cases) -> str:
-    phases = [c.reference for c in cases]
-    return max(set(phases), key=phases.count) if phases else PHASES["inference"][0]
 
 
 def _load_init(nets: dict, init) -> None:

@@ -71,8 +71,8 @@ from ..networks.unet2d import ATTENTION_VARIANTS, BoxAttentionUNet2D, fold_batch
 from ..postprocess import postprocess
 from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, box_maps, image_to_working, labels_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
-from ..training import (open_run, SegmentResult, check_cancelled, lr_at, make_optimizer, scale_steps, set_lr,
-                        soft_cross_entropy)
+from ..training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
+                        scale_steps, set_lr, soft_cross_entropy)
 from ..volume import Volume
 
 NAME = "o2l"
@@ -583,8 +583,8 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
         "software": f"weakliverseg {__version__}",
         "labels": dict(LABELS),
         "input": {
-            "phases": [cfg["phase"] or _common_phase(strong + weak)],
-            "inference_phases": [cfg["phase"] or _common_phase(strong + weak)],
+            "phases": [cfg["phase"] or most_common_phase(strong + weak, PHASES["inference"][0])],
+            "inference_phases": [cfg["phase"] or most_common_phase(strong + weak, PHASES["inference"][0])],
             "hu_window": list(cfg["hu_window"]),
             "spacing_mm": [float(cfg["spacing_mm"]), float(cfg["spacing_mm"])],
             "spacing_note": "in-plane working spacing; slices stay native",
@@ -612,11 +612,6 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     save_model(out, meta, networks)
     ckpt_folder.clear()
     return out
-
-
-def _common_phase(cases) -> str:
-    phases = [c.reference for c in cases]
-    return max(set(phases), key=phases.count) if phases else PHASES["inference"][0]
 
 
 def _validate(model, dataset, val, cfg, device, progress) -> dict:

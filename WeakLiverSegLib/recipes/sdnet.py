@@ -65,7 +65,7 @@ from ..modelstore import LoadedModel, load_model, save_model
 from ..networks.vnet3d import build_network
 from ..postprocess import fill_holes, largest_component
 from ..slices import window
-from ..training import open_run, SegmentResult, check_cancelled, make_optimizer, set_lr
+from ..training import SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, set_lr
 from ..volume import Volume
 
 NAME = "sdnet"
@@ -575,10 +575,7 @@ def _prepare(dataset, case, cfg, with_mask: bool) -> dict:
 
 
 def _common_phase(cases, cfg) -> str:
-    if cfg["phase"]:
-        return cfg["phase"]
-    phases = [c.reference for c in cases]
-    return max(sorted(set(phases)), key=phases.count) if phases else PHASES["inference"][0]
+    return cfg["phase"] or most_common_phase(cases, PHASES["inference"][0])
 
 
 def train(dataset, out, config, device="cpu", progress=None, init=None, resume=False) -> Path:

@@ -69,7 +69,7 @@ from ..networks.dense_unet import DenseUNet2D
 from ..postprocess import postprocess
 from ..rl_boxes import BoxEnv, DetectorTrainer, SACSettings, detect, iou, jitter_boxes
 from ..slices import image_to_working, labels_to_working, lesion_boxes_for_slices, resize_slices, slice_groups
-from ..training import open_run, SegmentResult, check_cancelled, scale_steps
+from ..training import SegmentResult, check_cancelled, open_run, scale_steps
 from ..usse import UNCERTAINTY_KINDS, MeanTeacher, add_noise, ramp_up, seg_loss, with_attention
 
 NAME = "wsts"

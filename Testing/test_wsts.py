@@ -131,6 +131,40 @@ def test_relative_entropy_moves_the_two_policies_apart():
     assert biased > 5 * plain and biased > 0.03, (plain, biased)
 
 
+def test_relative_entropy_bias_has_the_papers_sign_and_is_bounded():
+    """Eq. 13 / A.5: within the clip the soft bonus is -alpha log pi_j (own entropy and KL cancel); however far
+    apart the strategies drift (the logged KL reached ~50 on the phantom) it stays within alpha * kl_clip of
+    plain SAC's entropy bonus."""
+    s = R.SACSettings(relative_entropy=1.0, kl_clip=5.0)
+    logp, logp_other = torch.tensor([0.5, -1.0, 60.0, 2.0]), torch.tensor([-0.5, -2.0, -40.0, 80.0])
+    bonus = R.soft_bonus(logp, logp_other, 0.3, s)
+    assert torch.allclose(bonus[:2], -0.3 * logp_other[:2])                        # the paper's -alpha log pi_j
+    plain = R.soft_bonus(logp, None, 0.3, s)
+    assert torch.all((bonus - plain).abs() <= 0.3 * 5.0 + 1e-6)                    # bounded bias
+    assert torch.equal(R.soft_bonus(logp, logp_other, 0.3, R.SACSettings(relative_entropy=0.0)), plain)
+
+
+def test_detector_updates_per_environment_step():
+    """``updates`` gradient rounds per environment step (the update-to-data ratio), every agent each round."""
+    from WeakLiverSegLib.recipes import wsts
+
+    rng = np.random.default_rng(0)
+    images = {"enhanced": rng.random((3, 16, 16)).astype(np.float32)}
+    targets = np.array([[5.0, 5.0, 3.0, 3.0]] * 3, np.float32)
+    counts = {}
+    for updates in (1, 3):
+        cfg = wsts.resolve_config({"detector": {**TINY["detector"], "updates": updates}})
+        det = wsts.make_detector(cfg, images, targets, np.random.default_rng(0), "cpu", "enhanced", None)
+        for step in range(3):
+            det.env_step()
+            det.update(step)
+        critic = [o for k, o in det.opts.items() if k.endswith("_critic")]
+        counts[updates] = [int(next(iter(o.state_dict()["state"].values()))["step"]) for o in critic]   # Adam steps
+    assert counts[3] == [3 * c for c in counts[1]] and min(counts[1]) > 0, counts
+    with pytest.raises(InputError, match="detector.updates"):
+        wsts.resolve_config({"detector": {"updates": 0}})
+
+
 def test_replay_memory_ring_and_policy_rollout():
     rng = np.random.default_rng(1)
     mem = R.ReplayMemory(5)

@@ -474,7 +474,7 @@ def rac_update(agent: RAC, opts: dict, batch: dict, images: torch.Tensor, s: SAC
         for p, pt in pairs:
             pt.mul_(1 - s.tau).add_(p, alpha=s.tau)
     out = {"q": float(q_loss.detach()), "v": float(v_loss.detach()), "pi": float(pi_loss.detach()),
-           "alpha": float(alpha)}
+           "alpha": float(alpha), "entropy": float(-logp.detach().mean())}
     if logp_other is not None:
         out["kl"] = float((logp - logp_other).detach().mean())
     if s.imitation:
@@ -540,7 +540,8 @@ class DetectorTrainer:
                  rng: np.random.Generator, act_phase: str, imitate_phase: str | None = None, lr: float = 1e-3,
                  student_lr: float = 1e-4, memory: int = 20000, batch: int = 80, n_envs: int = 8,
                  width: int = 16, features: int = 128, alpha: float = 1.0, alpha_lr: float | None = None,
-                 device="cpu", student_settings: SACSettings | None = None):
+                 device="cpu", student_settings: SACSettings | None = None, updates: int = 1):
+        self.updates = int(updates)      # gradient rounds per environment step (update-to-data ratio)
         self.dev = torch.device(device)
         self.images = {k: torch.as_tensor(v, dtype=torch.float32).to(self.dev) for k, v in images.items()}
         self.targets = np.asarray(targets, np.float32)
@@ -615,18 +616,19 @@ class DetectorTrainer:
         if len(self.memory[0]) < self.batch:
             return {}
         logs = {}
-        for i in range(self.n_agents):
+        share = self.n_agents * self.updates
+        for i in [i for _ in range(self.updates) for i in range(self.n_agents)]:
             other = (i + 1) % self.n_agents if self.n_agents > 1 else None
             batch = self.memory[i].sample(self.batch, self.rng)
             t = rac_update(self.teacher[i], self._opts_of("teacher", i), batch, self.images[self.act_phase], self.s,
                            self.teacher[other] if other is not None else None)
             for k, v in t.items():
-                logs[f"t_{k}"] = logs.get(f"t_{k}", 0.0) + v / self.n_agents
+                logs[f"t_{k}"] = logs.get(f"t_{k}", 0.0) + v / share
             if self.student is not None:
                 st = rac_update(self.student[i], self._opts_of("student", i), batch, self.images[self.imitate_phase],
                                 self.s_student, self.student[other] if other is not None else None)
                 for k, v in st.items():
-                    logs[f"s_{k}"] = logs.get(f"s_{k}", 0.0) + v / self.n_agents
+                    logs[f"s_{k}"] = logs.get(f"s_{k}", 0.0) + v / share
         return logs
 
     def policies(self, role: str = "teacher") -> list:

@@ -106,6 +106,8 @@ DEFAULTS = {
         "steps": 1500,             # update rounds (each: one step of every parallel episode, then every agent in turn)
         "envs": 8,                 # parallel episodes
         "batch": 80, "memory": 20000,
+        "updates": 1,              # gradient rounds per environment step (update-to-data ratio); 4 with zeta 0.01 and a
+                                   # fixed alpha 0.01 lifted a 10-case phantom's test IoU from ~0 to ~0.1 (one seed): not default
         "lr": 1e-3, "student_lr": 1e-3,   # the paper: 1e-3 teacher, 1e-4 student (too slow for a short run)
         "alpha": 1.0, "auto_alpha": True, "alpha_lr": 1e-2,
         "zeta": 0.9,               # the paper: 0.99; 0.9 propagates values faster in a short run
@@ -162,7 +164,7 @@ def _check_config(cfg: dict) -> None:
     d = cfg["detector"]
     if d["agents"] not in (1, 2):
         raise InputError(f"{where}: detector.agents must be 1 or 2, got {d['agents']!r}")
-    for key in ("size", "episode_steps", "envs", "batch", "memory", "width", "features", "px_reference"):
+    for key in ("size", "episode_steps", "envs", "batch", "memory", "width", "features", "px_reference", "updates"):
         positive(f"detector.{key}", d[key], integer=True)
     for key in ("init_box_px", "translate_px", "scale_px", "reward_scale", "lr", "student_lr", "alpha", "alpha_lr",
                 "zeta", "tau", "kl_clip"):
@@ -365,7 +367,7 @@ def make_detector(cfg, rl_images, targets, rng, device, act_phase, imitate_phase
     return DetectorTrainer(rl_images, targets, box_env(cfg), d["agents"], settings, rng, act_phase, imitate_phase,
                            lr=d["lr"], student_lr=d["student_lr"], memory=d["memory"], batch=d["batch"],
                            n_envs=d["envs"], width=d["width"], features=d["features"], alpha=d["alpha"],
-                           alpha_lr=d["alpha_lr"], device=device, student_settings=student)
+                           alpha_lr=d["alpha_lr"], device=device, student_settings=student, updates=d["updates"])
 
 
 def detect_case(policies, case: WCase, phase: str, env: BoxEnv, device="cpu") -> np.ndarray:

@@ -212,6 +212,16 @@ class PreparedCase:
         return np.zeros(0, np.int64)
 
 
+def cut_window(array, y0, x0, size):
+    """array[..., y0:y0+size, x0:x0+size] with zero padding outside."""
+    h, w = array.shape[-2:]
+    out = np.zeros(array.shape[:-2] + (size, size), array.dtype)
+    ys, ye, xs, xe = max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
+    if ye > ys and xe > xs:
+        out[..., ys - y0:ye - y0, xs - x0:xe - x0] = array[..., ys:ye, xs:xe]
+    return out
+
+
 class Sampler:
     """Random training batches of three-slice groups from prepared cases.
 
@@ -264,16 +274,6 @@ class Sampler:
         x0 = int(np.clip(x0, min(0, w - size), max(0, w - size)))
         return y0, x0
 
-    @staticmethod
-    def _cut(array, y0, x0, size):
-        """array[..., y0:y0+size, x0:x0+size] with zero padding outside."""
-        h, w = array.shape[-2:]
-        out = np.zeros(array.shape[:-2] + (size, size), array.dtype)
-        ys, ye, xs, xe = max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
-        if ye > ys and xe > xs:
-            out[..., ys - y0:ye - y0, xs - x0:xe - x0] = array[..., ys:ye, xs:xe]
-        return out
-
     def sample(self) -> dict:
         """A batch: ``image`` (B, 2c+1, crop, crop), ``boxes`` (B, 2, ..) float, ``target`` (B, 3, ..)
         class probabilities, ``loc`` (B, crop, crop) int64 box classes; B = batch_size * groups_per_crop."""
@@ -288,13 +288,13 @@ class Sampler:
             size = max(8, int(round(crop / scale)))
             y0, x0 = self._window(case, int(centres[len(centres) // 2]), focus, size)
             flips = [d for d, p in ((-1, self.flip_prob), (-2, self.flip_prob)) if rng.random() < p]
-            img = self._cut(slice_groups(case.image, centres, self.context), y0, x0, size)
+            img = cut_window(slice_groups(case.image, centres, self.context), y0, x0, size)
             if case.boxes is not None:
-                box = self._cut(case.boxes[centres], y0, x0, size).astype(np.float32)
+                box = cut_window(case.boxes[centres], y0, x0, size).astype(np.float32)
             else:
                 box = np.zeros((len(centres), 2, size, size), np.float32)
             if case.target is not None:
-                tgt = self._cut(case.target[centres].astype(np.float32), y0, x0, size)
+                tgt = cut_window(case.target[centres].astype(np.float32), y0, x0, size)
                 outside = tgt.sum(axis=1) == 0          # padding is background
                 tgt[:, 0][outside] = 1.0
             else:

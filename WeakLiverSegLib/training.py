@@ -304,6 +304,17 @@ def _rng_state_from_json(state):
     return state
 
 
+def optimizer_step(opt, loss, stage: str, step: int) -> float:
+    """One gradient step on ``loss``; returns its value, RuntimeError naming the stage if not finite."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RuntimeError(f"{stage}: loss became {value} at step {step + 1}")
+    return value
+
+
 def most_common_phase(cases, default: str) -> str:
     """The reference phase most cases share (ties: alphabetical, so runs are reproducible)."""
     phases = [c.reference for c in cases]

@@ -79,10 +79,10 @@ from ..errors import InputError
 from ..modelstore import load_model, save_model
 from ..networks.fpn_classifier import FPNACoLClassifier, pad_multiple
 from ..networks.unet2d import BoxAttentionUNet2D
-from ..slices import (HU_WINDOW, PreparedCase, Sampler, _axis_range, box_maps, image_to_working,
+from ..slices import (HU_WINDOW, PreparedCase, Sampler, _axis_range, box_maps, cut_window, image_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
-from ..training import (SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, scale_steps,
-                        set_lr)
+from ..training import (SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, optimizer_step,
+                        scale_steps, set_lr)
 from ..volume import Volume
 
 NAME = "acol"
@@ -319,16 +319,6 @@ def slice_rects(tumor_boxes, shape_zyx, size_hw) -> dict:
     return {k: np.asarray(v, np.float32) for k, v in sorted(out.items())}
 
 
-def _cut(array, y0, x0, size):
-    """array[..., y0:y0+size, x0:x0+size] with zero padding outside."""
-    h, w = array.shape[-2:]
-    out = np.zeros(array.shape[:-2] + (size, size), array.dtype)
-    ys, ye, xs, xe = max(y0, 0), min(y0 + size, h), max(x0, 0), min(x0 + size, w)
-    if ye > ys and xe > xs:
-        out[..., ys - y0:ye - y0, xs - x0:xe - x0] = array[..., ys:ye, xs:xe]
-    return out
-
-
 # ----------------------------------------------------------------------------- classifier training
 
 
@@ -375,7 +365,7 @@ def classifier_batch(cases, crop: int, batch_size: int, rng, context: int = 1, n
         y0 = int(round(cy - side / 2 + rng.integers(-jitter, jitter + 1)))
         x0 = int(np.clip(x0, math.ceil(r[2]) - side, math.floor(r[0])))     # the box stays in the crop
         y0 = int(np.clip(y0, math.ceil(r[3]) - side, math.floor(r[1])))
-        img = _cut(slice_groups(case.image, [z], context)[0], y0, x0, side)
+        img = cut_window(slice_groups(case.image, [z], context)[0], y0, x0, side)
         local = rects - np.array([x0, y0, x0, y0], np.float32)
         if rng.random() < flip_prob:
             img = img[..., ::-1]
@@ -485,7 +475,7 @@ def box_maps_of(net: FPNACoLClassifier, image_w: np.ndarray, rects: dict, crop: 
             for b, (z, r) in enumerate(group):
                 x0 = int((r[0] + r[2]) // 2 - side // 2)
                 y0 = int((r[1] + r[3]) // 2 - side // 2)
-                images.append(_cut(slice_groups(image_w, [z], context)[0], y0, x0, side))
+                images.append(cut_window(slice_groups(image_w, [z], context)[0], y0, x0, side))
                 rois.append([b, r[0] - x0, r[1] - y0, r[2] - x0, r[3] - y0])
             x = torch.from_numpy(np.stack(images)).to(dev)
             fused = net.localization(net(x, torch.tensor(rois, dtype=torch.float32, device=dev))).float().cpu().numpy()
@@ -666,12 +656,7 @@ def _train_classifier(net, opt, cases, cfg, start, ckpt, state, rng, progress, d
         labels = batch["labels"].to(dev)
         out = net(batch["image"].to(dev), batch["rois"].to(dev), labels)
         loss = classifier_loss(out, labels, c["balance"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"classifier: loss became {value} at step {step + 1}")
+        value = optimizer_step(opt, loss, "classifier", step)
         with torch.no_grad():
             acc = float((out["logits_a"].argmax(1) == labels).float().mean())
         curve.append([step + 1, round(value, 5)])
@@ -693,12 +678,7 @@ def _train_segmenter(net, opt, sampler, cfg, start, ckpt, state, progress, devic
         batch = sampler.sample()
         labels = decode_target(batch["target"]).to(dev)
         loss = masked_dice_loss(net(batch["image"].to(dev)), labels, s["ce_weight"], s["dice_background"])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"segmenter: loss became {value} at step {step + 1}")
+        value = optimizer_step(opt, loss, "segmenter", step)
         curve.append([step + 1, round(value, 5)])
         if progress is not None:
             progress.update("segmenter", step + 1, total, loss=round(value, 4), lr=round(opt.param_groups[0]["lr"], 7))

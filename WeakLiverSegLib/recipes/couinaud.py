@@ -62,10 +62,10 @@ from ..errors import InputError
 from ..modelstore import LoadedModel, load_model, register_network, save_model
 from ..networks.unet2d import BoxAttentionUNet2D
 from ..postprocess import fill_holes, largest_component, postprocess
-from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, labels_to_working, resize_slices, slice_groups,
-                      to_input_grid, window, working_size)
+from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, cut_window, labels_to_working, resize_slices,
+                      slice_groups, to_input_grid, window, working_size)
 from ..training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
-                        scale_steps, set_lr, soft_cross_entropy)
+                        optimizer_step, scale_steps, set_lr, soft_cross_entropy)
 from ..volume import Volume
 
 NAME = "couinaud"
@@ -394,12 +394,7 @@ def run_stage(stage, net, opt, next_batch, loss_fn, scfg, total, start=0, save=N
         check_cancelled(progress)
         set_lr(opt, lr_at(step, total, scfg))
         loss = loss_fn(net, next_batch())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"{stage}: loss became {value} at step {step + 1}")
+        value = optimizer_step(opt, loss, stage, step)
         if (step + 1) % 10 == 0 or step + 1 == total:
             curve.append([step + 1, round(value, 5)])
         if progress is not None:
@@ -540,8 +535,8 @@ class InjectionSampler:
             y0 = int(ys[n] + rng.integers(-crop // 4, crop // 4 + 1)) - crop // 2
             x0 = int(xs[n] + rng.integers(-crop // 4, crop // 4 + 1)) - crop // 2
             idx = np.clip(np.arange(z - self.context, z + self.context + 1), 0, case.image.shape[0] - 1)
-            img = Sampler._cut(case.image[idx], y0, x0, crop)
-            cms = Sampler._cut(case.couinaud[idx], y0, x0, crop)
+            img = cut_window(case.image[idx], y0, x0, crop)
+            cms = cut_window(case.couinaud[idx], y0, x0, crop)
             if not ((cms[self.context] == seg) if seg else (cms[self.context] > 0)).any():
                 continue
             img, mask = inject_tumour(img, cms, seg, rng, self.pixel_mm, case.slice_mm, self.hu_per_unit,

@@ -72,7 +72,7 @@ from ..postprocess import postprocess
 from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, box_maps, image_to_working, labels_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
 from ..training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
-                        scale_steps, set_lr, soft_cross_entropy)
+                        optimizer_step, scale_steps, set_lr, soft_cross_entropy)
 from ..volume import Volume
 
 NAME = "o2l"
@@ -421,12 +421,7 @@ def _train_stage(stage, net, opt, sampler, scfg, total, start, ckpt, state, prog
             loss = loss + dice_w * dice(logits.float(), target)
         if with_loc:
             loss = loss + alpha * F.cross_entropy(loc_logits.float(), batch["loc"].to(dev), weight=loc_w)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            raise RuntimeError(f"{stage}: loss became {value} at step {step + 1}")
+        value = optimizer_step(opt, loss, stage, step)
         curve.append([step + 1, round(value, 5)])
         if progress is not None:
             progress.update(stage, step + 1, total, loss=round(value, 4), lr=round(opt.param_groups[0]["lr"], 7))

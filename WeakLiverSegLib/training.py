@@ -238,6 +238,15 @@ class Checkpointer:
         if rng is not None and ckpt.meta.get("numpy_rng") is not None:
             rng.bit_generator.state = _rng_state_from_json(ckpt.meta["numpy_rng"])
 
+    def resume(self, ckpt: Checkpoint, networks: dict, optimizers: dict, rng, state: dict, progress=None) -> tuple:
+        """``restore`` plus the run's curves / seconds into ``state``; returns ``(stage, step)`` to continue at."""
+        self.restore(ckpt, networks, optimizers, rng)
+        state["curves"] = ckpt.meta["extra"].get("curves", {})
+        state["seconds"] = ckpt.meta["extra"].get("seconds", {})
+        if progress is not None:
+            progress.log(f"resuming from {ckpt.stage} step {ckpt.step}")
+        return ckpt.stage, ckpt.step
+
     def clear(self) -> None:
         """Remove the checkpoint (after the final model is saved)."""
         if not self.folder.is_dir():

@@ -727,12 +727,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     state["save"] = save_ckpt
     stage0, step0 = "classifier", 0
     if saved is not None:
-        ckpt.restore(saved, nets, {saved.stage: opts[saved.stage]}, rng)
-        state["curves"] = saved.meta["extra"].get("curves", {})
-        state["seconds"] = saved.meta["extra"].get("seconds", {})
-        stage0, step0 = saved.stage, saved.step
-        if progress is not None:
-            progress.log(f"resuming from {stage0} step {step0}")
+        stage0, step0 = ckpt.resume(saved, nets, {saved.stage: opts[saved.stage]}, rng, state, progress)
 
     # -- data on the working grid
     t0 = time.monotonic()

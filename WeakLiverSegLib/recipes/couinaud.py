@@ -742,12 +742,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
 
     stage0, step0 = STAGES[0], 0
     if saved is not None:
-        ckpt.restore(saved, nets, opts, rng)
-        state["curves"] = saved.meta["extra"].get("curves", {})
-        state["seconds"] = saved.meta["extra"].get("seconds", {})
-        stage0, step0 = saved.stage, saved.step
-        if progress is not None:
-            progress.log(f"resuming from {stage0} step {step0}")
+        stage0, step0 = ckpt.resume(saved, nets, opts, rng, state, progress)
     done = {s: STAGES.index(s) < STAGES.index(stage0) for s in STAGES}
 
     def start_of(stage):

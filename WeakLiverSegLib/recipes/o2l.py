@@ -493,12 +493,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     if saved is not None:
         if saved.meta["extra"].get("kwargs") != kwargs:
             raise InputError(f"{ckpt_folder.folder}: checkpoint networks differ from this run; delete it to start over")
-        ckpt_folder.restore(saved, nets, opts, rng)
-        state["curves"] = saved.meta["extra"].get("curves", {})
-        state["seconds"] = saved.meta["extra"].get("seconds", {})
-        stage0, step0 = saved.stage, saved.step
-        if progress is not None:
-            progress.log(f"resuming from {stage0} step {step0}")
+        stage0, step0 = ckpt_folder.resume(saved, nets, opts, rng, state, progress)
 
     # -- prepare the data (images on the working grid; boxes of strong cases from their masks)
     t0 = time.monotonic()

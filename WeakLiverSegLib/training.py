@@ -67,6 +67,35 @@ def check_cancelled(progress) -> None:
         progress.check_cancelled()
 
 
+def write_pseudo_store(dataset, out_dir, weak_ids, relabel, suffix: str = "pseudo", progress=None) -> Path:
+    """Copy ``dataset`` to the new store ``out_dir``; the cases in ``weak_ids`` get as mask what
+    ``relabel(case, images)`` returns (``images``: phase -> Volume; None keeps the case's own).
+
+    The target must be a new folder (never the source store); ``out_dir/pseudo/`` is there for the
+    recipe's probability maps.  Returns ``out_dir``.
+    """
+    from .store import Dataset
+
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(dataset.root).resolve():
+        raise InputError(f"{out_dir}: pseudo-labels go to a new folder, not into the source dataset")
+    target = Dataset.create(out_dir, name=f"{dataset.name or 'dataset'}-{suffix}", exist_ok=False)
+    (out_dir / "pseudo").mkdir(exist_ok=True)
+    total = len(dataset.cases)
+    for n, case in enumerate(dataset.cases.values()):
+        check_cancelled(progress)
+        images = {phase: dataset.read_image(case.id, phase) for phase in case.images}
+        mask = relabel(case, images) if case.id in weak_ids else None
+        truth = {key: dataset.read_truth(case.id, key) for key in (case.truth or {})} or None
+        target.add_case(case.id, images, reference=case.reference,
+                        mask=dataset.read_mask(case.id) if mask is None else mask, boxes=case.boxes,
+                        liver_box=case.liver_box, couinaud=case.couinaud, volume_label=case.volume_label,
+                        split=case.split, truth=truth)
+        if progress is not None:
+            progress.update("pseudo", n + 1, total)
+    return out_dir
+
+
 # ----------------------------------------------------------------------------- optimisation
 
 

@@ -82,7 +82,7 @@ from ..networks.unet2d import BoxAttentionUNet2D
 from ..slices import (HU_WINDOW, PreparedCase, Sampler, _axis_range, box_maps, cut_window, image_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
 from ..training import (SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, optimizer_step,
-                        scale_steps, set_lr)
+                        scale_steps, set_lr, write_pseudo_store)
 from ..volume import Volume
 
 NAME = "acol"
@@ -953,33 +953,19 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
     recoverable as "inside a tumour box and 0".  ``pseudo/<id>_tumor_prob.nii.gz``: Q(tumour).
     """
     from ..imageio import write_image
-    from ..store import Dataset
 
     if not has_teacher(model):
         raise InputError(f"{model.path}: this model has no region-mining classifier, so it cannot make pseudo-masks")
     weak = [c for c in dataset.cases.values() if c.mask is None and lesion_boxes_for_slices(c.boxes)]
     if not weak:
         raise InputError(f"{dataset.root}: no case with tumour boxes and no mask to pseudo-label")
-    out_dir = Path(out_dir)
-    if out_dir.resolve() == Path(dataset.root).resolve():
-        raise InputError(f"{out_dir}: pseudo-masks go to a new folder, not into the source dataset")
-    target = Dataset.create(out_dir, name=f"{dataset.name or 'dataset'}-acol-pseudo", exist_ok=False)
-    (out_dir / "pseudo").mkdir(exist_ok=True)
-    weak_ids = {c.id for c in weak}
     cfg = _model_config(model)
-    for n, case in enumerate(dataset.cases.values()):
-        check_cancelled(progress)
-        images = {phase: dataset.read_image(case.id, phase) for phase in case.images}
-        mask = dataset.read_mask(case.id)
-        truth = {key: dataset.read_truth(case.id, key) for key in (case.truth or {})} or None
-        if case.id in weak_ids:
-            image = images[_phase_of(case, cfg)]
-            fg, prob = pseudo_mask(model, image, lesion_boxes_for_slices(case.boxes), device)
-            mask = image.with_array(np.where(fg, TUMOUR_VALUE, 0).astype(np.uint8))
-            write_image(image.with_array(prob), out_dir / "pseudo" / f"{case.id}_tumor_prob.nii.gz")
-        target.add_case(case.id, images, reference=case.reference, mask=mask, boxes=case.boxes,
-                        liver_box=case.liver_box, couinaud=case.couinaud, volume_label=case.volume_label,
-                        split=case.split, truth=truth)
-        if progress is not None:
-            progress.update("pseudo", n + 1, len(dataset.cases))
-    return out_dir
+
+    def relabel(case, images):
+        image = images[_phase_of(case, cfg)]
+        fg, prob = pseudo_mask(model, image, lesion_boxes_for_slices(case.boxes), device)
+        write_image(image.with_array(prob), Path(out_dir) / "pseudo" / f"{case.id}_tumor_prob.nii.gz")
+        return image.with_array(np.where(fg, TUMOUR_VALUE, 0).astype(np.uint8))
+
+    return write_pseudo_store(dataset, out_dir, {c.id for c in weak}, relabel, suffix="acol-pseudo",
+                              progress=progress)

@@ -65,7 +65,8 @@ from ..postprocess import fill_holes, largest_component, postprocess
 from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, cut_window, labels_to_working, resize_slices,
                       slice_groups, to_input_grid, window, working_size)
 from ..training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
-                        optimizer_step, scale_steps, set_lr, soft_cross_entropy)
+                        optimizer_step, scale_steps, set_lr, soft_cross_entropy,
+                        write_pseudo_store)
 from ..volume import Volume
 
 NAME = "couinaud"
@@ -954,41 +955,28 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
     The liver comes from the model's own segmenter; Couinaud maps, ILR and PLR follow the
     model's training settings.  Every other case is copied unchanged.
     """
-    from ..store import Dataset
-
     if "couinaudnet" not in model.networks:
         raise InputError(f"{model.path}: this model has no CouinaudNet (it was trained on masks only)")
     cfg = resolve_config(model.meta.get("training", {}).get("config", {}))
-    out_dir = Path(out_dir)
-    if out_dir.resolve() == Path(dataset.root).resolve():
-        raise InputError(f"{out_dir}: pseudo-labels go to a new folder, not into the source dataset")
     weak_ids = {c.id for c in dataset.cases.values() if c.mask is None and ({"couinaud", "volume"} & c.label_kinds)}
     if not weak_ids:
         raise InputError(f"{dataset.root}: no case with a Couinaud or volume label and no mask to pseudo-label")
-    target = Dataset.create(out_dir, name=f"{dataset.name or 'dataset'}-pseudo", exist_ok=False)
     r = cfg["refine"]
-    for n, case in enumerate(dataset.cases.values()):
-        check_cancelled(progress)
-        images = {phase: dataset.read_image(case.id, phase) for phase in case.images}
-        mask = dataset.read_mask(case.id)
-        truth = {key: dataset.read_truth(case.id, key) for key in (case.truth or {})} or None
-        if case.id in weak_ids:
-            loaded = load_case(dataset, case, cfg, keep_original=True)
-            liver = segment(model, {"image": loaded["original"]}, device=device).labels.array >= 1
-            liver_w = labels_on_working(liver.astype(np.uint8), loaded["image"].shape[1:]) >= 1
-            if liver_w.sum() >= MIN_LIVER_PIXELS:
-                wc = make_weak_case(case, loaded, liver_w, "segmenter", cfg)
-                probs = couinaudnet_probs(model.networks["couinaudnet"], wc, wc.refined_labels(r["ilr"], r["ilr_min_pixels"]),
-                                          cfg["context"], cfg["infer_batch"], device, r["clip_to_region"])
-                tum, _ = pseudo_masks(probs, cfg, r["plr"])
-                work = liver_w.astype(np.uint8)
-                work[tum & liver_w] = 2
-                onehot = F.one_hot(torch.from_numpy(work.astype(np.int64)), N_CLASSES).permute(0, 3, 1, 2).float()
-                lab = to_input_grid(onehot, liver.shape[1:]).argmax(dim=1).to(torch.uint8).numpy()
-                mask = loaded["original"].with_array(lab)
-        target.add_case(case.id, images, reference=case.reference, mask=mask, boxes=case.boxes,
-                        liver_box=case.liver_box, couinaud=case.couinaud, volume_label=case.volume_label,
-                        split=case.split, truth=truth)
-        if progress is not None:
-            progress.update("pseudo", n + 1, len(dataset.cases))
-    return out_dir
+
+    def relabel(case, images):
+        loaded = load_case(dataset, case, cfg, keep_original=True)
+        liver = segment(model, {"image": loaded["original"]}, device=device).labels.array >= 1
+        liver_w = labels_on_working(liver.astype(np.uint8), loaded["image"].shape[1:]) >= 1
+        if liver_w.sum() < MIN_LIVER_PIXELS:
+            return None      # no liver found: the case is copied unlabelled
+        wc = make_weak_case(case, loaded, liver_w, "segmenter", cfg)
+        probs = couinaudnet_probs(model.networks["couinaudnet"], wc, wc.refined_labels(r["ilr"], r["ilr_min_pixels"]),
+                                  cfg["context"], cfg["infer_batch"], device, r["clip_to_region"])
+        tum, _ = pseudo_masks(probs, cfg, r["plr"])
+        work = liver_w.astype(np.uint8)
+        work[tum & liver_w] = 2
+        onehot = F.one_hot(torch.from_numpy(work.astype(np.int64)), N_CLASSES).permute(0, 3, 1, 2).float()
+        lab = to_input_grid(onehot, liver.shape[1:]).argmax(dim=1).to(torch.uint8).numpy()
+        return loaded["original"].with_array(lab)
+
+    return write_pseudo_store(dataset, out_dir, weak_ids, relabel, progress=progress)

@@ -72,7 +72,8 @@ from ..postprocess import postprocess
 from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, box_maps, image_to_working, labels_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
 from ..training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
-                        optimizer_step, scale_steps, set_lr, soft_cross_entropy)
+                        optimizer_step, scale_steps, set_lr, soft_cross_entropy,
+                        write_pseudo_store)
 from ..volume import Volume
 
 NAME = "o2l"
@@ -631,36 +632,20 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
     float32 teacher softmax on the case's grid.
     """
     from ..imageio import write_image
-    from ..store import Dataset
 
     if "teacher" not in model.networks:
         raise InputError(f"{model.path}: this model has no teacher network, so it cannot make pseudo-labels")
     weak = [c for c in dataset.cases.values() if c.mask is None and c.liver_box is not None]
     if not weak:
         raise InputError(f"{dataset.root}: no weak case (a liver box, no mask) to pseudo-label")
-    out_dir = Path(out_dir)
-    if out_dir.resolve() == Path(dataset.root).resolve():
-        raise InputError(f"{out_dir}: pseudo-labels go to a new folder, not into the source dataset")
-    target = Dataset.create(out_dir, name=f"{dataset.name or 'dataset'}-pseudo", exist_ok=False)
-    (out_dir / "pseudo").mkdir(exist_ok=True)
-    weak_ids = {c.id for c in weak}
     phases = _model_input(model.meta)["phases"]
-    total = len(dataset.cases)
-    for n, case in enumerate(dataset.cases.values()):
-        check_cancelled(progress)
-        images = {phase: dataset.read_image(case.id, phase) for phase in case.images}
-        mask = dataset.read_mask(case.id)
-        truth = {key: dataset.read_truth(case.id, key) for key in (case.truth or {})} or None
-        if case.id in weak_ids:
-            image = images[phases[0]] if phases[0] in images else images[case.reference]
-            probs = _working_probs(model, image, [case.liver_box] + list(case.boxes), True, device, None)
-            labels, tumour, _, liver = _to_input_grid(probs, image.array.shape, True, liver=True)
-            mask = image.with_array(labels)
-            write_image(image.with_array(tumour), out_dir / "pseudo" / f"{case.id}_tumor_prob.nii.gz")
-            write_image(image.with_array(liver), out_dir / "pseudo" / f"{case.id}_liver_prob.nii.gz")
-        target.add_case(case.id, images, reference=case.reference, mask=mask, boxes=case.boxes,
-                        liver_box=case.liver_box, couinaud=case.couinaud, volume_label=case.volume_label,
-                        split=case.split, truth=truth)
-        if progress is not None:
-            progress.update("pseudo", n + 1, total)
-    return out_dir
+
+    def relabel(case, images):
+        image = images[phases[0]] if phases[0] in images else images[case.reference]
+        probs = _working_probs(model, image, [case.liver_box] + list(case.boxes), True, device, None)
+        labels, tumour, _, liver = _to_input_grid(probs, image.array.shape, True, liver=True)
+        write_image(image.with_array(tumour), Path(out_dir) / "pseudo" / f"{case.id}_tumor_prob.nii.gz")
+        write_image(image.with_array(liver), Path(out_dir) / "pseudo" / f"{case.id}_liver_prob.nii.gz")
+        return image.with_array(labels)
+
+    return write_pseudo_store(dataset, out_dir, {c.id for c in weak}, relabel, progress=progress)

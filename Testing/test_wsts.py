@@ -126,8 +126,8 @@ def test_recipe_reward_pays_more_for_reaching_the_tumour_than_for_creeping(size)
 
 
 def test_relative_entropy_moves_the_two_policies_apart():
-    plain = _train_pair(0.0)
-    biased = _train_pair(1.0)
+    plain = _train_pair(0.0, 60)
+    biased = _train_pair(1.0, 60)
     assert biased > 5 * plain and biased > 0.03, (plain, biased)
 
 
@@ -180,6 +180,47 @@ def test_replay_memory_ring_and_policy_rollout():
     assert np.all(R.iou(union, per_agent[0]) > 0)                   # the union holds each agent's box
     # 4 steps of at most 1 px from the start: the box cannot have travelled further
     assert np.all(np.abs(per_agent[0, :, 1] - env.starts(2)[0, 1]) <= 4 + 1e-5)
+
+
+def test_exploring_starts_leave_the_fixed_start_boxes():
+    """``random_starts`` = 1: no episode starts at the fixed upper / lower middle boxes; about half start within
+    1.5 tumour sizes of the slice's tumour; 0 (the paper): every episode starts at the fixed boxes."""
+    from WeakLiverSegLib.recipes import wsts
+
+    images = {"enhanced": np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)}
+    targets = np.array([[8.0, 8.0, 4.0, 4.0], [24.0, 20.0, 6.0, 4.0]], np.float32)
+    starts = {}
+    for share in (0.0, 1.0):
+        cfg = wsts.resolve_config({"detector": {**TINY["detector"], "size": 32, "random_starts": share}})
+        det = wsts.make_detector(cfg, images, targets, np.random.default_rng(1), "cpu", "enhanced", None)
+        starts[share] = det._reset(400)
+    fixed = wsts.box_env(cfg).starts(2)
+    assert np.allclose(starts[0.0]["boxes"], fixed[:, None])
+    e = starts[1.0]
+    boxes, tg = e["boxes"], targets[e["slice"]][None]
+    assert not np.isclose(boxes, fixed[:, None]).all(axis=-1).any()
+    assert np.all(R.corners(boxes)[..., :2] >= -1e-4) and np.all(R.corners(boxes)[..., 2:] <= 32 + 1e-4)
+    near = np.all(np.abs(boxes[..., :2] - tg[..., :2]) <= 1.5 * tg[..., 2:] + 1e-4, axis=-1).mean()
+    assert 0.45 < near < 0.75, near        # half by construction, plus the uniform starts that land near
+    with pytest.raises(InputError, match="random_starts"):
+        wsts.resolve_config({"detector": {"random_starts": 1.5}})
+
+
+def test_state_has_a_wide_view_and_a_box_sized_glimpse():
+    """Channels: (slice, box) over twice the image around the box, then over GLIMPSE box sizes: a bright pixel next
+    to a small box fills a larger part of the glimpse; the box fills the glimpse's middle third."""
+    img = torch.zeros(1, 32, 32)
+    img[0, 10:12, 20:22] = 1.0                                   # a 2 x 2 bright spot at x 20-22, y 10-12
+    box = torch.tensor([[21.0, 11.0, 4.0, 4.0]])                 # centred on it
+    state, vec = R.render_states(img, torch.tensor([0]), box)
+    assert state.shape == (1, R.STATE_CHANNELS, 32, 32) == (1, 4, 32, 32)
+    wide, glimpse = state[0, 0], state[0, 2]
+    assert float(glimpse.sum()) > 8 * float(wide.sum()) > 0      # the glimpse magnifies the spot 32 / 12 times more
+    att = state[0, 3]
+    third = 32 / R.GLIMPSE
+    assert float(att[16, 16]) == 1.0 and float(att[1, 1]) == 0.0
+    assert float(att[16].sum()) == pytest.approx(third, abs=1.5)
+    assert torch.allclose(vec, box / 32)
 
 
 # ----------------------------------------------------------------------------- USSE
@@ -363,6 +404,38 @@ def test_save_load_round_trip_and_cli_segment(model_dir, cohort, tmp_path):
                      "--progress", "none"])
     assert code == 0
     assert np.array_equal(read_label_map(out).array, expected)
+
+
+def test_usse_attention_label_boxes_replace_the_detection_on_labelled_slices():
+    from WeakLiverSegLib.recipes import wsts
+
+    case = wsts.WCase("c", "box", {"enhanced": np.zeros((4, 16, 16), np.float32)},
+                      boxes={1: np.array([[5.0, 5.0, 4.0, 2.0], [9.0, 9.0, 6.0, 6.0]], np.float32)})
+    case.det["teacher"] = np.tile(np.array([[3.0, 3.0, 2.0, 2.0]], np.float32), (4, 1))
+    label = wsts.usse_boxes(case, "label")
+    assert np.array_equal(label[1], [9.0, 9.0, 6.0, 6.0])                        # the dominant (largest) box
+    assert np.array_equal(label[[0, 2, 3]], case.det["teacher"][[0, 2, 3]])    # detections where no label
+    assert np.array_equal(wsts.usse_boxes(case, "detection"), case.det["teacher"])
+    with pytest.raises(InputError, match="usse.attention"):
+        wsts.resolve_config({"usse": {"attention": "boxes"}})
+
+
+def test_model_of_another_recipe_version_is_refused(model_dir, tmp_path):
+    import shutil
+
+    from WeakLiverSegLib.modelstore import load_model
+    from WeakLiverSegLib.recipes import wsts
+
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    meta = json.loads((old / "model.json").read_text())
+    meta["recipe_version"] = 1
+    (old / "model.json").write_text(json.dumps(meta))
+    plain = np.zeros((4, 16, 16), np.int16)
+    from WeakLiverSegLib.volume import Volume
+
+    with pytest.raises(InputError, match="recipe_version 1.*retrain"):
+        wsts.segment(load_model(old), {"plain": Volume(plain, (3.0, 3.0, 6.0))})
 
 
 def test_config_and_data_errors(cohort, tmp_path):

@@ -64,6 +64,8 @@ from torch import nn
 from .modelstore import register_network
 
 ACTION_DIM = 4
+STATE_CHANNELS = 4     # (slice, box map) in a wide view and in a glimpse, see ``render_states``
+GLIMPSE = 3.0          # the glimpse view spans this many box widths / heights
 LOG_STD_RANGE = (-5.0, 2.0)
 _EPS = 1e-6
 
@@ -188,7 +190,7 @@ class StateEncoder(nn.Module):
     connected layer.  Stands in for the paper's ResNet-18 on a CPU budget.
     """
 
-    def __init__(self, in_channels: int = 2, width: int = 16, features: int = 128):
+    def __init__(self, in_channels: int = STATE_CHANNELS, width: int = 16, features: int = 128):
         super().__init__()
         chans = [in_channels, width, 2 * width, 2 * width, 2 * width]
         layers = []
@@ -210,7 +212,7 @@ class PolicyNet(nn.Module):
     is self-contained for inference.
     """
 
-    def __init__(self, in_channels: int = 2, width: int = 16, features: int = 128, action_dim: int = ACTION_DIM):
+    def __init__(self, in_channels: int = STATE_CHANNELS, width: int = 16, features: int = 128, action_dim: int = ACTION_DIM):
         super().__init__()
         self.encoder = StateEncoder(in_channels, width, features)
         self.head = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, 2 * action_dim))
@@ -361,30 +363,33 @@ class ReplayMemory(nn.Module):
 # ----------------------------------------------------------------------------- states
 
 
-STATE_CHANNELS = 2
-
-
 def render_states(images: torch.Tensor, slices: torch.Tensor, boxes: torch.Tensor) -> tuple:
-    """(slice stack (S, H, W) on the RL grid, slice indices (B,), boxes (B, 4)) -> (states (B, 2, H, W), box vectors (B, 4)).
+    """(slice stack (S, H, W) on the RL grid, slice indices (B,), boxes (B, 4)) -> (states (B, 4, H, W), box vectors (B, 4)).
 
     The state is the slice and the box's hard attention map (the paper's two channels) seen
-    from the box: an H x W view of a window twice the image size centred on the box centre
-    (zero outside the image, half resolution), so the whole image is always visible and
-    "where the tumour lies relative to my box" is a position in the view, which the
-    convolutions and the pooled 4 x 4 layout read directly.
+    from the box, twice: a view of a window twice the image size centred on the box (zero
+    outside the image, half resolution), so the whole image is always visible and "where the
+    tumour lies relative to my box" is a position in the view; and a glimpse of ``GLIMPSE``
+    box sizes around the box, so the last pixels of the approach and the box's size are
+    resolved too (with the wide view alone the agents stalled a few pixels off the tumour,
+    where it and the box fall in the same cell of the pooled layout).
     """
     h, w = images.shape[-2:]
     img = images[slices]
     b = boxes.to(img.device, torch.float32)
     att = torch.from_numpy(attention_maps(boxes.cpu().numpy(), h, w)).to(img.device)
     x = torch.stack([img, att], dim=1)
-    theta = torch.zeros(len(b), 2, 3, device=img.device)
-    theta[:, 0, 0] = theta[:, 1, 1] = 2.0                 # the view spans two image widths
-    theta[:, 0, 2] = b[:, 0] / w * 2 - 1                  # centred on the box
-    theta[:, 1, 2] = b[:, 1] / h * 2 - 1
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    view = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
-    return view, b / float(w)
+    views = []
+    for span_x, span_y in ((torch.full_like(b[:, 2], 2.0 * w), torch.full_like(b[:, 3], 2.0 * h)),
+                           (GLIMPSE * b[:, 2], GLIMPSE * b[:, 3])):
+        theta = torch.zeros(len(b), 2, 3, device=img.device)
+        theta[:, 0, 0] = span_x / w                       # the view spans span_x grid pixels
+        theta[:, 1, 1] = span_y / h
+        theta[:, 0, 2] = b[:, 0] / w * 2 - 1              # centred on the box
+        theta[:, 1, 2] = b[:, 1] / h * 2 - 1
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        views.append(F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False))
+    return torch.cat(views, dim=1), b / float(w)
 
 
 # ----------------------------------------------------------------------------- learning
@@ -450,7 +455,7 @@ def rac_update(agent: RAC, opts: dict, batch: dict, images: torch.Tensor, s: SAC
     bonus = soft_bonus(logp, logp_other, alpha, s)
 
     q_loss = 0.5 * (q_pred - q_hat).pow(2).mean()                                    # Eq. 14
-    v_loss = 0.5 * (agent.v(feats).squeeze(1) - (q_new + bonus).detach()).pow(2).mean()   # Eq. 13 / A.5
+    v_loss = 0.5 * (agent.v(feats.detach()).squeeze(1) - (q_new + bonus).detach()).pow(2).mean()   # Eq. 13 / A.5
     pi_loss = -(q_new + bonus).mean()                                               # Eq. 16-17 (+ Eq. 12's terms)
     bc = torch.zeros((), device=dev)
     if s.imitation:
@@ -540,8 +545,12 @@ class DetectorTrainer:
                  rng: np.random.Generator, act_phase: str, imitate_phase: str | None = None, lr: float = 1e-3,
                  student_lr: float = 1e-4, memory: int = 20000, batch: int = 80, n_envs: int = 8,
                  width: int = 16, features: int = 128, alpha: float = 1.0, alpha_lr: float | None = None,
-                 device="cpu", student_settings: SACSettings | None = None, updates: int = 1):
+                 device="cpu", student_settings: SACSettings | None = None, updates: int = 1,
+                 random_starts: float = 0.0):
         self.updates = int(updates)      # gradient rounds per environment step (update-to-data ratio)
+        # share of training episodes that start off the fixed start positions (exploring starts): with
+        # fixed starts alone the memory holds few states near a tumour, where the fine moves are learnt
+        self.random_starts = float(random_starts)
         self.dev = torch.device(device)
         self.images = {k: torch.as_tensor(v, dtype=torch.float32).to(self.dev) for k, v in images.items()}
         self.targets = np.asarray(targets, np.float32)
@@ -581,7 +590,23 @@ class DetectorTrainer:
     def _reset(self, n: int) -> dict:
         sl = self.rng.integers(0, len(self.targets), n)
         boxes = np.repeat(self.env.starts(self.n_agents)[:, None], n, axis=1)   # (agents, n, 4)
+        explore = self.rng.random(n) < self.random_starts
+        if explore.any():
+            boxes[:, explore] = self._exploring_starts(sl[explore])
         return {"slice": sl, "boxes": boxes, "t": np.zeros(n, np.int64)}
+
+    def _exploring_starts(self, slices: np.ndarray) -> np.ndarray:
+        """(agents, n, 4) start boxes off the fixed start positions: half anywhere (side 0.5-2 x the start
+        box), half within 1.5 tumour sizes of the slice's tumour (side 0.5-2 x the tumour's)."""
+        a, n, env = self.n_agents, len(slices), self.env
+        centre = self.rng.uniform(0, env.size, (a, n, 2))
+        side = self.rng.uniform(0.5, 2.0, (a, n, 2)) * env.init_box
+        target = np.broadcast_to(self.targets[slices], (a, n, 4))
+        near = (self.rng.random(n) < 0.5)[None, :, None]
+        centre = np.where(near, target[..., :2] + self.rng.uniform(-1.5, 1.5, (a, n, 2)) * target[..., 2:], centre)
+        side = np.where(near, target[..., 2:] * self.rng.uniform(0.5, 2.0, (a, n, 2)), side)
+        boxes = np.concatenate([centre, side], axis=-1).astype(np.float32).reshape(-1, 4)
+        return env.clip(boxes).reshape(a, n, 4)
 
     def env_step(self) -> float:
         """Every parallel episode advances one step for every agent; transitions go to the memories."""

@@ -73,11 +73,12 @@ from ..training import SegmentResult, check_cancelled, open_run, scale_steps
 from ..usse import UNCERTAINTY_KINDS, MeanTeacher, add_noise, ramp_up, seg_loss, with_attention
 
 NAME = "wsts"
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2                 # 2: the agents see a wide view and a glimpse (4 state channels)
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
 PHASES = {"train": ("enhanced", "plain"), "inference": ("plain",)}
 NETWORK_CLASS = "DenseUNet2D"
 POLICY_CLASS = "BoxPolicy2D"
+USSE_ATTENTION = ("label", "detection")
 
 DEFAULTS = {
     "steps": None,                 # total optimisation steps over the three stages, scaled; None = their own
@@ -109,7 +110,8 @@ DEFAULTS = {
         "updates": 1,              # gradient rounds per environment step (update-to-data ratio); 4 with zeta 0.01 and a
                                    # fixed alpha 0.01 lifted a 10-case phantom's test IoU from ~0 to ~0.1 (one seed): not default
         "lr": 1e-3, "student_lr": 1e-3,   # the paper: 1e-3 teacher, 1e-4 student (too slow for a short run)
-        "alpha": 1.0, "auto_alpha": True, "alpha_lr": 1e-2,
+        "alpha": 0.05, "auto_alpha": False, "alpha_lr": 1e-3,   # fixed temperature: see the module docstring
+        "random_starts": 0.5,      # share of training episodes starting off the fixed starts (exploring starts)
         "zeta": 0.9,               # the paper: 0.99; 0.9 propagates values faster in a short run
         "tau": 0.01, "kl_clip": 5.0,
         "imitation": 1.0,          # SDDRL behaviour-cloning weight (0 = pure SAC on the teacher's transitions)
@@ -119,6 +121,8 @@ DEFAULTS = {
         "steps": 600, "batch": 8, "lr": 1e-3, "lr_decay": 0.8, "lr_decays": 10,
         "ema": 0.99, "noise_std": 0.05, "noise_clip": 0.1, "consistency": 1.0,
         "uncertainty": "multiscale",   # multiscale (USSE) | none (plain self-ensembling)
+        "attention": "label",          # USSE attention box on labelled slices: label (the case's own box, with the box
+                                       # noise) | detection (the DDRL proposal, the paper)
         "rampup": 0.5, "warmup": 0.5,  # fractions of the stage for gamma and beta'
         "labelled_fraction": 0.5,      # share of pixel-labelled slices in a batch (when both kinds exist)
         "bce": 1.0,                    # cross-entropy weight beside the Dice loss (0 = the paper's Dice only)
@@ -183,6 +187,10 @@ def _check_config(cfg: dict) -> None:
         positive(f"{stage}.bce", s["bce"], zero=True)
         if not 0 < s["lr_decay"] <= 1:
             raise InputError(f"{where}: {stage}.lr_decay must be in (0, 1], got {s['lr_decay']!r}")
+    if cfg["usse"]["attention"] not in USSE_ATTENTION:
+        raise InputError(f"{where}: usse.attention {cfg['usse']['attention']!r} is not one of {list(USSE_ATTENTION)}")
+    if not 0 <= d["random_starts"] <= 1:
+        raise InputError(f"{where}: detector.random_starts must be in [0, 1], got {d['random_starts']!r}")
     if cfg["usse"]["uncertainty"] not in UNCERTAINTY_KINDS:
         raise InputError(f"{where}: usse.uncertainty {cfg['usse']['uncertainty']!r} is not one of {list(UNCERTAINTY_KINDS)}")
     net = cfg["network"]
@@ -367,7 +375,8 @@ def make_detector(cfg, rl_images, targets, rng, device, act_phase, imitate_phase
     return DetectorTrainer(rl_images, targets, box_env(cfg), d["agents"], settings, rng, act_phase, imitate_phase,
                            lr=d["lr"], student_lr=d["student_lr"], memory=d["memory"], batch=d["batch"],
                            n_envs=d["envs"], width=d["width"], features=d["features"], alpha=d["alpha"],
-                           alpha_lr=d["alpha_lr"], device=device, student_settings=student, updates=d["updates"])
+                           alpha_lr=d["alpha_lr"], device=device, student_settings=student, updates=d["updates"],
+                           random_starts=d["random_starts"])
 
 
 def detect_case(policies, case: WCase, phase: str, env: BoxEnv, device="cpu") -> np.ndarray:
@@ -395,6 +404,15 @@ def detection_iou(policies, cases, phase, env, device="cpu") -> dict:
         return {"iou": None, "recall": None, "slices": 0}
     ious, recalls = np.concatenate(ious), np.concatenate(recalls)
     return {"iou": float(ious.mean()), "recall": float(recalls.mean()), "slices": int(len(ious))}
+
+
+def usse_boxes(case: WCase, attention: str) -> np.ndarray:
+    """(z, 4) USSE attention boxes: the DDRL detections, or (``label``) the case's own tumour box where a slice has one."""
+    boxes = case.det["teacher"].copy()
+    if attention == "label":
+        for k in case.boxes:
+            boxes[k] = case.dominant(int(k))
+    return boxes
 
 
 # ----------------------------------------------------------------------------- segmentation samples
@@ -432,7 +450,7 @@ def sample_usse_batch(cases, cfg, rng, phase, device) -> dict:
         items.append((case, k))
     items = _group_by_shape([(c, k) for c, k in items])
     ks_img = np.concatenate([_inputs(c, phase, [k], cfg["context"]) for c, k in items])
-    boxes = np.concatenate([_jitter(c.det["teacher"][[k]], rng, cfg, c) for c, k in items])
+    boxes = np.concatenate([_jitter(c.det["usse"][[k]], rng, cfg, c) for c, k in items])
     target = np.stack([c.tumour[k] if c.kind == "pixel" else np.zeros(c.shape[1:], np.float32) for c, k in items])
     return {"image": torch.from_numpy(ks_img).to(device), "box": boxes,
             "target": torch.from_numpy(target[:, None]).to(device),
@@ -505,7 +523,7 @@ def pseudo_labels(teacher: MeanTeacher, cases, cfg, phase, device, batch=16) -> 
         if not len(ks):
             continue
         img = torch.from_numpy(_inputs(case, phase, ks, cfg["context"])).to(device)
-        probs = teacher.predict(img, case.det["teacher"][ks], batch)
+        probs = teacher.predict(img, case.det["usse"][ks], batch)
         case.pseudo[ks] = probs[:, 0].cpu().numpy()
 
 
@@ -608,11 +626,13 @@ class _Stages:
         return logs
 
     def after_detector(self) -> None:
-        """Detection boxes of every slice: teacher agents on the teacher phase, student agents on the student phase."""
+        """Detection boxes of every slice: teacher agents on the teacher phase, student agents on the student phase;
+        the USSE attention boxes (``usse.attention``)."""
         for case in self.cases:
             case.det["teacher"] = detect_case(self.detector.policies("teacher"), case, self.tp, self.env, self.dev)
             if self.detector.student is not None:
                 case.det["student"] = detect_case(self.detector.policies("student"), case, self.sp, self.env, self.dev)
+            case.det["usse"] = usse_boxes(case, self.cfg["usse"]["attention"])
 
     # -- stage 2
     def usse_step(self, step: int, total: int) -> dict:
@@ -760,6 +780,10 @@ def _validate(model, dataset, val, cfg, device, progress) -> dict:
 
 
 def _model_settings(meta: dict) -> dict:
+    version = meta.get("recipe_version")
+    if version != RECIPE_VERSION:
+        raise InputError(f"model.json: recipe_version {version!r} of wsts; this software reads version {RECIPE_VERSION} "
+                         "(the box agents' state changed): retrain the model")
     inp = meta.get("input", {})
     d = inp.get("detector", {})
     try:

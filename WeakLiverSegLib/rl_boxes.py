@@ -4,13 +4,12 @@ The WSTS paper, section 3.1.1 and Appendices A-B (../shared/papers/wsts_*.txt). 
 at a time, on a square grid of ``size`` pixels (the slice resampled; the paper: 256).
 
 * State: the slice and the hard attention map of the agent's box (1 inside, 0 outside), as in
-  the paper, but seen from the box: a view centred on the box covering twice the image (see
-  ``render_states``); the box's four numbers (centre, width, height / size) also enter the
-  fully connected layers.  Same information as the paper's state, but "which way is the
-  tumour" becomes a position in the view: a policy network fitted to the true direction
-  learns it in ~100 steps with this view and not with the whole-image one (measured on a
-  toy task).  The SAC agents themselves still learn slowly: a few thousand updates (a CPU
-  budget) leave them far from the paper's detection quality (docs/results/wsts_experiments.md).
+  the paper, but seen from the box, twice: a wide view centred on the box covering twice the
+  image, and a glimpse of ``GLIMPSE`` box sizes around it (see ``render_states``); the box's four
+  numbers (centre, width, height / size) also enter the fully connected layers.  Same
+  information as the paper's state, but "which way is the tumour" becomes a position in the
+  view: a policy network fitted to the true direction learns it in ~100 steps with this view and
+  not with the whole-image one (measured on a toy task); the glimpse resolves the last pixels.
 * Action: 4 continuous numbers in [-1, 1] (tanh-squashed Gaussian policy): horizontal and
   vertical translation by up to ``translate`` pixels, width and height change by up to
   ``scale`` pixels (the paper: 0-6 and 0-4 px at 256 px).  Boxes are (cx, cy, w, h) in
@@ -26,7 +25,10 @@ at a time, on a square grid of ``size`` pixels (the slice resampled; the paper: 
   ``Testing/test_wsts.py`` checks that reaching the tumour pays more than creeping.
 * Each agent (RAC) is SAC-style with a state-value V, an action-value Q and a policy head on
   one small CNN per agent (the paper: a ResNet-18 each; sharing cuts the convolutions to a
-  third, see ``RAC``), plus a Polyak target V.  The
+  third, see ``RAC``), plus a Polyak target V.  Only the Q loss trains the shared CNN: the V and
+  policy heads read detached features.  (With V training it too, the V loss -- whose target
+  carries the entropy terms -- swamped the ~0.1 reward differences: the critic ranked "towards
+  the tumour" above "away" on 67 % of probe states vs 91-95 % with V detached.)  The
   objective (Eq. 12) adds ``alpha * [H(pi_i) + w_re * KL(pi_i || pi_j)]`` to the reward, with
   the other agent's policy ``pi_j`` as a fixed bias: its value target is (Eq. 13, A.2)
   ``Q_i(s, a) - alpha * log pi_i(a|s) + alpha * w_re * (log pi_i(a|s) - log pi_j(a|s))``,
@@ -36,8 +38,12 @@ at a time, on a square grid of ``size`` pixels (the slice resampled; the paper: 
   are updated alternately (every round, each in turn); the other one is frozen while one
   learns.  The per-sample relative-entropy term is clipped to ``+-kl_clip`` (tanh-Gaussian
   tails make it unbounded).
-  The temperature alpha starts at ``alpha`` (the paper: 1.0) and is tuned automatically
-  towards an entropy of ``-action_dim`` (SAC v2) unless ``auto_alpha`` is off.
+  The temperature alpha is ``alpha``, tuned automatically towards an entropy of
+  ``-action_dim`` (SAC v2) when ``auto_alpha`` is on (the recipe keeps it fixed: the automatic
+  one collapsed to ~0.001 and the boxes' sizes then drifted to the 1-pixel minimum).
+* Exploring starts (``random_starts``, not in the paper): a share of the training episodes
+  starts from a random box, half of them near the slice's tumour, so the memory holds the
+  states where the last moves and the box size are learnt.
 * Agent 1 starts in the middle of the upper half, agent 2 in the middle of the lower half;
   35 steps an episode; the detection is the union of the final boxes.  A single agent (the
   comparison) starts in the centre.
@@ -286,7 +292,7 @@ class RAC(nn.Module):
     """One relative-entropy-biased actor-critic: policy, Q and V heads on one CNN, target V, temperature.
 
     The paper (Appendix B) gives V, Q and the policy each a ResNet-18; here they share one
-    small encoder per agent, trained by the critic losses only, the policy head reading
+    small encoder per agent, trained by the Q loss only, the policy and V heads reading
     detached features (as in SAC from pixels, SAC-AE / DrQ): a third of the convolutions.
     """
 

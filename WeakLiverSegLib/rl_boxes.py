@@ -9,7 +9,7 @@ at a time, on a square grid of ``size`` pixels (the slice resampled; the paper: 
   numbers (centre, width, height / size) also enter the fully connected layers.  Same
   information as the paper's state, but "which way is the tumour" becomes a position in the
   view: a policy network fitted to the true direction learns it in ~100 steps with this view and
-  not with the whole-image one (measured on a toy task); the glimpse resolves the last pixels.
+  not with the whole-image one (measured on a toy task).
 * Action: 4 continuous numbers in [-1, 1] (tanh-squashed Gaussian policy): horizontal and
   vertical translation by up to ``translate`` pixels, width and height change by up to
   ``scale`` pixels (the paper: 0-6 and 0-4 px at 256 px).  Boxes are (cx, cy, w, h) in
@@ -376,9 +376,10 @@ def render_states(images: torch.Tensor, slices: torch.Tensor, boxes: torch.Tenso
     from the box, twice: a view of a window twice the image size centred on the box (zero
     outside the image, half resolution), so the whole image is always visible and "where the
     tumour lies relative to my box" is a position in the view; and a glimpse of ``GLIMPSE``
-    box sizes around the box, so the last pixels of the approach and the box's size are
-    resolved too (with the wide view alone the agents stalled a few pixels off the tumour,
-    where it and the box fall in the same cell of the pooled layout).
+    box sizes around the box at full resolution, where the box edges and the tumour's edges
+    can be compared (the wide view shows a 3-pixel tumour as one or two pixels).  Measured
+    effect on one 1000-step single-agent run: none beyond noise (test IoU 0.176 -> 0.173,
+    training IoU 0.086 -> 0.148); kept for the box-size decisions, the agents' weakest part.
     """
     h, w = images.shape[-2:]
     img = images[slices]

@@ -136,7 +136,9 @@ DEFAULTS = {
         "bce": 1.0,                    # cross-entropy weight beside the Dice loss (0 = the paper's Dice only)
     },
     "student": {
-        "steps": 600, "batch": 8, "lr": 1e-3, "lr_decay": 0.8, "lr_decays": 10,
+        "steps": 1200,                 # the box channel slows learning: at 400 steps the phantom study's all-pixel
+                                       # student scored tumour Dice 0.07, at 1200 0.69
+        "batch": 8, "lr": 1e-3, "lr_decay": 0.8, "lr_decays": 10,
         "noise_std": 0.02, "noise_clip": 0.1,
         "rampup": 0.5,                 # fraction of the stage for gamma'
         "box_weight": 1.0,             # gamma' at the end of the ramp-up

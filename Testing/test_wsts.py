@@ -420,6 +420,25 @@ def test_usse_attention_label_boxes_replace_the_detection_on_labelled_slices():
         wsts.resolve_config({"usse": {"attention": "boxes"}})
 
 
+def test_student_pseudo_targets_soft_or_hard():
+    """``student.pseudo``: the USSE probabilities as they are (soft) or thresholded at 0.5 (hard)."""
+    from WeakLiverSegLib.recipes import wsts
+
+    case = wsts.WCase("c", "box", {"plain": np.zeros((1, 8, 8), np.float32)})
+    case.pseudo = np.full((1, 8, 8), 0.3, np.float32)
+    case.pseudo[0, 2:5, 2:5] = 0.6
+    case.det["student"] = np.array([[4.0, 4.0, 4.0, 4.0]], np.float32)
+    targets = {}
+    for mode in ("soft", "hard"):
+        cfg = wsts.resolve_config({"student": {"batch": 1, "pseudo": mode}, "box_noise": {"shift": 0.0, "scale": [1.0, 1.0]}})
+        batch = wsts.sample_student_batch([case], cfg, np.random.default_rng(0), "plain", "cpu")
+        targets[mode] = batch["tumour"][0, 0].numpy()
+    assert np.allclose(targets["soft"], case.pseudo[0])
+    assert np.array_equal(targets["hard"], (case.pseudo[0] > 0.5).astype(np.float32))
+    with pytest.raises(InputError, match="student.pseudo"):
+        wsts.resolve_config({"student": {"pseudo": "binary"}})
+
+
 def test_model_of_another_recipe_version_is_refused(model_dir, tmp_path):
     import shutil
 

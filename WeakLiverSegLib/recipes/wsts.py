@@ -144,6 +144,7 @@ DEFAULTS = {
         "box_weight": 1.0,             # gamma' at the end of the ramp-up
         "tumour_fraction": 0.5,        # share of slices drawn from tumour slices
         "bce": 1.0,                    # cross-entropy weight beside the Dice losses (0 = the paper's Eq. 21)
+        "pseudo": "soft",              # USSE pseudo masks as targets: soft (its probabilities) | hard (> 0.5)
     },
 }
 
@@ -197,6 +198,8 @@ def _check_config(cfg: dict) -> None:
         positive(f"{stage}.bce", s["bce"], zero=True)
         if not 0 < s["lr_decay"] <= 1:
             raise InputError(f"{where}: {stage}.lr_decay must be in (0, 1], got {s['lr_decay']!r}")
+    if cfg["student"]["pseudo"] not in ("soft", "hard"):
+        raise InputError(f"{where}: student.pseudo must be 'soft' or 'hard', got {cfg['student']['pseudo']!r}")
     if cfg["usse"]["attention"] not in USSE_ATTENTION:
         raise InputError(f"{where}: usse.attention {cfg['usse']['attention']!r} is not one of {list(USSE_ATTENTION)}")
     if not 0 <= d["random_starts"] <= 1:
@@ -499,7 +502,10 @@ def sample_student_batch(cases, cfg, rng, phase, device) -> dict:
         if c.kind == "pixel":
             tumour.append(c.tumour[k]); liver.append(c.liver[k]); is_pixel.append(True)
         else:
-            tumour.append(c.pseudo[k] if c.pseudo is not None else zero); liver.append(zero); is_pixel.append(False)
+            pseudo = zero if c.pseudo is None else c.pseudo[k]
+            if scfg["pseudo"] == "hard":
+                pseudo = (pseudo > 0.5).astype(np.float32)
+            tumour.append(pseudo); liver.append(zero); is_pixel.append(False)
     t = lambda a: torch.from_numpy(np.stack(a)[:, None]).to(device)  # noqa: E731
     return {"image": torch.from_numpy(img).to(device), "box": boxes, "tumour": t(tumour), "liver": t(liver),
             "pixel": torch.tensor(is_pixel, device=device)}

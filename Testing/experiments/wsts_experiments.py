@@ -403,10 +403,14 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None,
                     help="comma-separated run names to do, e.g. 'wsts,wsts 16+0,wsts 8+0 alone,unet 16' (default: all)")
     ap.add_argument("--seed", type=int, default=None, help="training seed of the networks and agents (default: the plan's)")
+    ap.add_argument("--set", default=None, help="JSON merged into the plan's config, e.g. '{\"student\": {\"pseudo\": \"soft\"}}'")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     t_start = time.monotonic()
     plan = copy.deepcopy(SMOKE if args.smoke else FULL)
+    if args.set:
+        from WeakLiverSegLib.config import deep_update
+        plan["config"] = deep_update(plan["config"], json.loads(args.set))   # checked by wsts.resolve_config below
     if args.seed is not None:
         plan["config"]["seed"] = int(args.seed)
     if args.plain_contrast is not None:

@@ -46,9 +46,9 @@ Additions / deviations (all config fields), mostly for a CPU budget:
 * ``usse.attention`` = ``label`` (default): on slices that carry a box label (every tumour
   slice of the training cases) USSE is trained and pseudo-labels with that box -- the one the
   radiologist drew, with the same location / size noise -- instead of the DDRL proposal
-  (``detection``, the paper).  On a CPU budget the detectors reach IoU ~0.2 with the true box
-  (docs/results/wsts_experiments.md), and pseudo masks drawn inside such proposals taught the
-  student that box cases hold no tumour.  The student and inference still use SDDRL proposals.
+  (``detection``, the paper).  On a CPU budget the detectors reach IoU 0.07 (DDRL) to 0.18 (one
+  agent) with the true box (docs/results/wsts_experiments.md), and pseudo masks drawn inside such
+  proposals taught the student that box cases hold no tumour.  The student and inference still use SDDRL proposals.
 * Slices with no tumour box are part of the student's training (the paper trains and tests on
   tumour slices only): the SDDRL box lands somewhere there and SDUNet learns to ignore it.
 * ``hu_window`` per phase: the non-enhanced tumour contrast is a few HU, so the plain phase

@@ -28,7 +28,7 @@ at a time, on a square grid of ``size`` pixels (the slice resampled; the paper: 
   third, see ``RAC``), plus a Polyak target V.  Only the Q loss trains the shared CNN: the V and
   policy heads read detached features.  (With V training it too, the V loss -- whose target
   carries the entropy terms -- swamped the ~0.1 reward differences: the critic ranked "towards
-  the tumour" above "away" on 67 % of probe states vs 91-95 % with V detached.)  The
+  the tumour" above "away" on 67 % of probe states vs 88-99 % with V detached.)  The
   objective (Eq. 12) adds ``alpha * [H(pi_i) + w_re * KL(pi_i || pi_j)]`` to the reward, with
   the other agent's policy ``pi_j`` as a fixed bias: its value target is (Eq. 13, A.2)
   ``Q_i(s, a) - alpha * log pi_i(a|s) + alpha * w_re * (log pi_i(a|s) - log pi_j(a|s))``,

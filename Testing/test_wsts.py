@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -262,6 +263,24 @@ def test_nine_boxes_and_ramp_up():
     ratios = boxes[:3, 0, 2] / boxes[:3, 0, 3] / 0.5
     assert np.allclose(sorted(ratios), [0.5, 1.0, 2.0])
     assert U.ramp_up(0, 10) == 0.0 and U.ramp_up(10, 10) == 1.0 and 0 < U.ramp_up(5, 10) < U.ramp_up(8, 10) < 1
+
+
+def test_tumour_outputs_start_at_the_prior():
+    """USSE and the student start their tumour channel at ``network.tumour_prior`` (the liver channel is left
+    alone); a prior outside (0, 1) is refused."""
+    from WeakLiverSegLib.recipes import wsts
+
+    cfg = wsts.resolve_config({"network": {"stem": 4, "growth": 4, "layers": 1, "levels": 2, "tumour_prior": 0.02}})
+    torch.manual_seed(0)
+    for role, channel in (("usse", 0), ("student", 1)):
+        net = wsts.make_net(cfg, role).eval()
+        assert float(net.head.bias[channel]) == pytest.approx(math.log(0.02 / 0.98), abs=1e-5)
+        with torch.no_grad():
+            p = torch.sigmoid(net(torch.rand(2, 2, 16, 16)))[:, channel]
+        assert float(p.mean()) < 0.1
+    assert abs(float(wsts.make_net(cfg, "student").head.bias[0])) < 1.0     # liver: default init
+    with pytest.raises(InputError, match="network.tumour_prior"):
+        wsts.resolve_config({"network": {"tumour_prior": 1.5}})
 
 
 def test_ema_updates_the_target_model():

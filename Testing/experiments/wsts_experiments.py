@@ -19,6 +19,11 @@ post-processing, as in the paper):
   tumour slices: DDRL vs a single agent on the enhanced phase, SDDRL (and the single student)
   on the plain phase, the baseline's plain-phase agent.
 
+With ``--seeds 0,1,2`` the runs named in ``--seed-runs`` (default: the three the issue's
+must-show compares: WSTS half/half, WSTS all pixel, the student on the pixel half alone) are
+repeated for every further training seed; the tables show the first seed, a "Seeds" table each
+repeated run per seed and the mean over seeds, and the checks are made on those means.
+
 The cohort is generated with every training case fully labelled; an experiment then treats the
 first n of them as pixel-labelled and the next m as box-labelled (their masks dropped, their
 per-slice boxes kept: the phantom's box labels are those very boxes).  Detectors depend only on
@@ -43,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from WeakLiverSegLib import phantom  # noqa: E402
 from WeakLiverSegLib.metrics import binary_metrics  # noqa: E402
+from WeakLiverSegLib.networks.dense_unet import set_output_prior  # noqa: E402
 from WeakLiverSegLib.recipes import wsts  # noqa: E402
 from WeakLiverSegLib.usse import add_noise, seg_loss  # noqa: E402
 
@@ -247,7 +253,7 @@ class Runner:
         return result
 
     def unet_run(self, name, n_pixel):
-        """Plain U-Net (MONAI BasicUNet) on the plain phase, pixel labels only, same loss / steps / sampling."""
+        """Plain U-Net (MONAI BasicUNet) on the plain phase, pixel labels only, same loss / steps / sampling / prior."""
         from monai.networks.nets import BasicUNet
 
         t0 = time.monotonic()
@@ -257,7 +263,9 @@ class Runner:
             c.det["student"] = np.zeros((c.shape[0], 4), np.float32)
         torch.manual_seed(cfg["seed"])
         rng = np.random.default_rng(cfg["seed"] + 1)
-        net = BasicUNet(2, 2 * cfg["context"] + 1, 2, features=(8, 16, 32, 64, 128, 8), dropout=0.1).to(self.dev)
+        net = BasicUNet(2, 2 * cfg["context"] + 1, 2, features=(8, 16, 32, 64, 128, 8), dropout=0.1)
+        set_output_prior(net.final_conv, 1, cfg["network"]["tumour_prior"])     # as the WSTS networks
+        net = net.to(self.dev)
         opt = torch.optim.Adam(net.parameters(), lr=cfg["student"]["lr"])
         s = cfg["student"]
         for step in range(s["steps"]):
@@ -333,6 +341,22 @@ def markdown(res: dict) -> str:
             if v["iou"] is not None:
                 lines.append(f"| {name} {role} | {v['phase']} | {100 * v['iou']:.1f} | {100 * v['recall']:.1f} |")
     lines.append("")
+    seeds = res.get("seeds", [])
+    if len(seeds) > 1:
+        lines.extend([f"## Seeds (training seeds {seeds}; tumour Dice %, per-case mean of each seed)", "",
+                      "| run | " + " | ".join(f"seed {s}" for s in seeds) + " | mean |",
+                      "|---|" + "---|" * (len(seeds) + 1)])
+        for run in sorted({r["run"] for r in res["runs"] if r["seed"] != seeds[0]}):
+            d = seed_dice(res["runs"], run)
+            cells = [f"{100 * d[s]:.1f}" if s in d else "" for s in seeds]
+            lines.append(f"| {run} | " + " | ".join(cells) + f" | {100 * np.mean(list(d.values())):.1f} |")
+        lines.append("")
+        for seed, dets in res.get("seed_detection", {}).items():
+            for name, d in dets.items():
+                lines.append(f"- seed {seed} detector {name}: " + "; ".join(
+                    f"{role} on {v['phase']} IoU {100 * v['iou']:.1f} / recall {100 * v['recall']:.1f}"
+                    for role, v in d.items() if v["iou"] is not None))
+        lines.append("")
     lines.extend(["## Checks", ""] + [f"- {c}" for c in res["checks"]] + [""])
     lines.extend(["## Seconds", "", "```", json.dumps(res["seconds"], indent=1), "```", ""])
     return "\n".join(lines)
@@ -361,20 +385,54 @@ def job_list(n: int, plan: dict) -> list:
     return jobs
 
 
+SEED_RUNS = ("wsts", "wsts {n}+0", "wsts {half}+0 alone")   # the must-show's three runs ({n}: training cases)
 CONTROL_ORDER = ["Baseline (DRL + SE on plain)", "TCH-ST", "TCH-ST + DDRL", "TCH-ST + USSE", "WSTS"]
 
 
-def run_job(ds_root: str, config: dict, job: tuple, device: str, t_start: float) -> dict:
+def seed_dice(runs: list, run: str) -> dict:
+    """{seed: per-case mean tumour Dice} of one run name."""
+    return {r["seed"]: r["summary"]["dice"]["mean"] for r in runs if r["run"] == run}
+
+
+def must_show_checks(res: dict, n: int, seeds: list) -> list:
+    """The issue's must-show comparisons, per seed and on the mean over the seeds that ran all three runs."""
+    half = n // 2
+    d_half, d_alone, d_full = (seed_dice(res["runs"], name) for name in ("wsts", f"wsts {half}+0 alone", f"wsts {n}+0"))
+    checks = []
+    both = [s for s in seeds if s in d_half and s in d_alone]
+    for s in both:
+        checks.append(f"seed {s}: WSTS {half} pixel + {n - half} box vs the same student on the {half} pixel cases alone: "
+                      f"Dice {d_half[s]:.3f} vs {d_alone[s]:.3f} -> {'beats' if d_half[s] > d_alone[s] else 'does NOT beat'} it")
+    full = [s for s in seeds if s in d_half and s in d_full and d_full[s] > 0]
+    for s in full:
+        checks.append(f"seed {s}: WSTS half/half reaches {100 * d_half[s] / d_full[s]:.0f}% of the all-pixel student's Dice "
+                      f"({d_half[s]:.3f} / {d_full[s]:.3f}); target >= 90% -> {'met' if d_half[s] >= 0.9 * d_full[s] else 'NOT met'}")
+    if len(both) > 1:
+        mh, ma = np.mean([d_half[s] for s in both]), np.mean([d_alone[s] for s in both])
+        checks.append(f"mean over seeds {both}: WSTS half/half {mh:.3f} vs pixel half alone {ma:.3f} -> "
+                      f"{'beats' if mh > ma else 'does NOT beat'} it")
+    if len(full) > 1:
+        mh, mf = np.mean([d_half[s] for s in full]), np.mean([d_full[s] for s in full])
+        checks.append(f"mean over seeds {full}: WSTS half/half reaches {100 * mh / mf:.0f}% of the all-pixel student "
+                      f"({mh:.3f} / {mf:.3f}); target >= 90% -> {'met' if mh >= 0.9 * mf else 'NOT met'}")
+    det = res["detection"]
+    if "dual" in det and "single" in det:
+        checks.append(f"DDRL vs single agent, enhanced test slices: IoU {det['dual']['teacher']['iou']:.3f} vs "
+                      f"{det['single']['teacher']['iou']:.3f}; SDDRL on plain: {det['dual']['student']['iou']:.3f}")
+    return checks
+
+
+def run_job(ds_root: str, config: dict, job: tuple, device: str, t_start: float, seed: int) -> dict:
     """One study run in its own process: load the cohort, train, evaluate; detection of the detectors it trained."""
     torch.set_num_threads(1)
     from WeakLiverSegLib.store import Dataset
 
     table, name, kind, args, kwargs = job
-    cfg = wsts.resolve_config(config)
+    cfg = wsts.resolve_config({**config, "seed": int(seed)})
     train, test = prepare(Dataset.load(Path(ds_root)), cfg)
 
     def log(msg):
-        print(f"[{time.monotonic() - t_start:7.0f}s] {msg}", flush=True)
+        print(f"[{time.monotonic() - t_start:7.0f}s] seed {seed} {msg}", flush=True)
 
     runner = Runner(cfg, train, test, log, device)
     fn = {"wsts": runner.wsts_run, "unet": runner.unet_run, "baseline": runner.baseline_run}[kind]
@@ -387,8 +445,9 @@ def run_job(ds_root: str, config: dict, job: tuple, device: str, t_start: float)
         det[key] = r
     npix = args[1]
     nbox = args[2] if kind != "unet" else 0
-    return {"table": table, "row": {"name": name, "pixel": npix, "box": nbox, **result},
-            "seconds": runner.seconds, "detection": det}
+    return {"table": table, "row": {"name": name, "pixel": npix, "box": nbox, "run": args[0], "seed": int(seed),
+                                     **result},
+            "seconds": {f"{k} (seed {seed})": v for k, v in runner.seconds.items()}, "detection": det}
 
 
 def main(argv=None) -> int:
@@ -403,6 +462,10 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default=None,
                     help="comma-separated run names to do, e.g. 'wsts,wsts 16+0,wsts 8+0 alone,unet 16' (default: all)")
     ap.add_argument("--seed", type=int, default=None, help="training seed of the networks and agents (default: the plan's)")
+    ap.add_argument("--seeds", default=None,
+                    help="comma-separated training seeds, e.g. '0,1,2': every run with the first, --seed-runs with all")
+    ap.add_argument("--seed-runs", default=",".join(SEED_RUNS),
+                    help=f"runs repeated for the further --seeds (default: {','.join(SEED_RUNS)!r})")
     ap.add_argument("--set", default=None, help="JSON merged into the plan's config, e.g. '{\"student\": {\"pseudo\": \"soft\"}}'")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -438,75 +501,69 @@ def main(argv=None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     stem = "wsts_experiments_smoke" if args.smoke else "wsts_experiments"
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [int(cfg["seed"])]
     seconds = {}
     res = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
-           "device": args.device, "jobs": args.jobs,
+           "device": args.device, "jobs": args.jobs, "seeds": seeds,
            "cohort": {k: list(v) if isinstance(v, tuple) else v for k, v in plan["cohort"].items()},
            "config_overrides": plan["config"], "config": cfg, "control": [], "mix": [], "detection": {},
-           "checks": [], "seconds": seconds, "smoke": bool(args.smoke), "complete": False}
+           "runs": [], "seed_detection": {}, "checks": [], "seconds": seconds, "smoke": bool(args.smoke),
+           "complete": False}
 
     def save():
         seconds["total"] = round(time.monotonic() - t_start, 1)
         res["control"].sort(key=lambda r: CONTROL_ORDER.index(r["name"]) if r["name"] in CONTROL_ORDER else 99)
         res["mix"].sort(key=lambda r: (r["name"] != "WSTS", r["name"], r["pixel"], r["box"]))
+        res["runs"].sort(key=lambda r: (r["run"], r["seed"]))
         (results / f"{stem}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
         (results / f"{stem}.md").write_text(markdown(res))
 
     def collect(done):
         row = done["row"]
-        if done["table"] in ("both", "control"):
-            res["control"].append(row)
-        if done["table"] in ("both", "mix"):
-            res["mix"].append(row)
+        res["runs"].append({k: row[k] for k in ("run", "name", "pixel", "box", "seed", "summary")})
+        if row["seed"] == seeds[0]:
+            if done["table"] in ("both", "control"):
+                res["control"].append(row)
+            if done["table"] in ("both", "mix"):
+                res["mix"].append(row)
+            for key, d in done["detection"].items():
+                res["detection"].setdefault(key, d)
+        else:
+            for key, d in done["detection"].items():
+                res["seed_detection"].setdefault(str(row["seed"]), {}).setdefault(key, d)
         seconds.update(done["seconds"])
-        for key, d in done["detection"].items():
-            res["detection"].setdefault(key, d)
-        log(f"done: {row['name']} {row['pixel']}+{row['box']}: Dice {row['summary']['dice']['mean']}")
+        log(f"done: seed {row['seed']} {row['name']} {row['pixel']}+{row['box']}: Dice {row['summary']['dice']['mean']}")
         save()
 
     jobs = job_list(n, plan)
-    if args.only:
-        wanted = [name.strip() for name in args.only.split(",")]
-        unknown = sorted(set(wanted) - {job[3][0] for job in jobs})
-        if unknown:
-            raise SystemExit(f"--only: no run named {unknown}; runs: {[job[3][0] for job in jobs]}")
-        jobs = [job for job in jobs if job[3][0] in wanted]
-    log(f"{len(jobs)} runs, {args.jobs} at a time, device {args.device}")
+    names = [job[3][0] for job in jobs]
+    wanted = [name.strip() for name in args.only.split(",")] if args.only else names
+    repeated = [name.strip().format(n=n, half=half) for name in args.seed_runs.split(",")]
+    unknown = sorted((set(wanted) | (set(repeated) if len(seeds) > 1 else set())) - set(names))
+    if unknown:
+        raise SystemExit(f"--only/--seed-runs: no run named {unknown}; runs: {names}")
+    todo = [(job, seeds[0]) for job in jobs if job[3][0] in wanted]
+    todo += [(job, seed) for seed in seeds[1:] for job in jobs if job[3][0] in wanted and job[3][0] in repeated]
+    # runs with box-labelled cases (a USSE / SE stage) take about twice as long: start them first, so the
+    # parallel pool does not end on one long run
+    todo.sort(key=lambda js: js[0][2] == "unet" or js[0][3][2] == 0)
+    log(f"{len(todo)} runs (seeds {seeds}), {args.jobs} at a time, device {args.device}")
     if args.jobs <= 1:
-        for job in jobs:
-            collect(run_job(str(ds_root), plan["config"], job, args.device, t_start))
+        for job, seed in todo:
+            collect(run_job(str(ds_root), plan["config"], job, args.device, t_start, seed))
     else:
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
         with ProcessPoolExecutor(args.jobs, mp_context=mp.get_context("spawn")) as pool:
-            futures = [pool.submit(run_job, str(ds_root), plan["config"], job, args.device, t_start) for job in jobs]
+            futures = [pool.submit(run_job, str(ds_root), plan["config"], job, args.device, t_start, seed)
+                       for job, seed in todo]
             for f in as_completed(futures):
                 collect(f.result())
 
-    def dice_of(rows, name, npix, nbox):
-        for r in rows:
-            if r["name"] == name and r["pixel"] == npix and r["box"] == nbox:
-                return r["summary"]["dice"]["mean"]
-        return None
-
-    checks = []
-    det = res["detection"]
-    d_half = dice_of(res["mix"], "WSTS", half, n - half)
-    d_alone = dice_of(res["mix"], "WSTS student, pixel labels only", half, 0)
-    d_full = dice_of(res["mix"], "WSTS", n, 0)
-    if d_alone is not None:
-        checks.append(f"WSTS {half} pixel + {n - half} box vs the same student on the {half} pixel cases alone: "
-                      f"Dice {d_half:.3f} vs {d_alone:.3f} -> {'beats' if d_half > d_alone else 'does NOT beat'} it")
-    if d_full is not None and d_full > 0:
-        checks.append(f"WSTS half/half reaches {100 * d_half / d_full:.0f}% of the all-pixel student's Dice "
-                      f"({d_half:.3f} / {d_full:.3f}); target >= 90% -> {'met' if d_half >= 0.9 * d_full else 'NOT met'}")
-    if "dual" in det and "single" in det:
-        checks.append(f"DDRL vs single agent, enhanced test slices: IoU {det['dual']['teacher']['iou']:.3f} vs "
-                      f"{det['single']['teacher']['iou']:.3f}; SDDRL on plain: {det['dual']['student']['iou']:.3f}")
-    res["checks"], res["complete"] = checks, True
+    res["checks"], res["complete"] = must_show_checks(res, n, seeds), True
     save()
-    for c in checks:
+    for c in res["checks"]:
         log(c)
     log(f"wrote {results / (stem + '.md')}")
     return 0

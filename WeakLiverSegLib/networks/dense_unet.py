@@ -42,6 +42,20 @@ class DenseBlock(nn.Module):
         return torch.cat(feats, dim=1)
 
 
+@torch.no_grad()
+def set_output_prior(head: nn.Conv2d, channel: int, prior: float) -> None:
+    """Start output ``channel`` of a final 1x1 convolution at probability ``prior`` (bias = logit(prior)).
+
+    A rare-class sigmoid output started near 0.5 can settle where the head weights of that channel are all
+    negative: on ReLU features the probability is then capped at sigmoid(bias) for good (WSTS students whose
+    tumour probability never exceeded 0.4-0.7, so nothing was called at the paper's 0.75).  Started at a low
+    prior, the class has to be learned from the presence of features (the RetinaNet prior initialisation).
+    """
+    if not 0 < prior < 1:
+        raise ValueError(f"prior must be in (0, 1), got {prior!r}")
+    head.bias[channel] = float(torch.logit(torch.tensor(prior)))
+
+
 @register_network("DenseUNet2D")
 class DenseUNet2D(nn.Module):
     """Dense U-Net on (B, in_channels, H, W); any H, W (padded to a multiple of 2**levels inside)."""

@@ -405,7 +405,7 @@ def must_show_checks(res: dict, n: int, seeds: list) -> list:
                       f"Dice {d_half[s]:.3f} vs {d_alone[s]:.3f} -> {'beats' if d_half[s] > d_alone[s] else 'does NOT beat'} it")
     full = [s for s in seeds if s in d_half and s in d_full and d_full[s] > 0]
     for s in full:
-        checks.append(f"seed {s}: WSTS half/half reaches {100 * d_half[s] / d_full[s]:.0f}% of the all-pixel student's Dice "
+        checks.append(f"seed {s}: WSTS half/half reaches {100 * d_half[s] / d_full[s]:.1f}% of the all-pixel student's Dice "
                       f"({d_half[s]:.3f} / {d_full[s]:.3f}); target >= 90% -> {'met' if d_half[s] >= 0.9 * d_full[s] else 'NOT met'}")
     if len(both) > 1:
         mh, ma = np.mean([d_half[s] for s in both]), np.mean([d_alone[s] for s in both])
@@ -413,7 +413,7 @@ def must_show_checks(res: dict, n: int, seeds: list) -> list:
                       f"{'beats' if mh > ma else 'does NOT beat'} it")
     if len(full) > 1:
         mh, mf = np.mean([d_half[s] for s in full]), np.mean([d_full[s] for s in full])
-        checks.append(f"mean over seeds {full}: WSTS half/half reaches {100 * mh / mf:.0f}% of the all-pixel student "
+        checks.append(f"mean over seeds {full}: WSTS half/half reaches {100 * mh / mf:.1f}% of the all-pixel student "
                       f"({mh:.3f} / {mf:.3f}); target >= 90% -> {'met' if mh >= 0.9 * mf else 'NOT met'}")
     det = res["detection"]
     if "dual" in det and "single" in det:

@@ -461,9 +461,9 @@ def main(argv=None) -> int:
                     help="plain-phase tumour minus liver HU of the cohort (default: the plan's)")
     ap.add_argument("--only", default=None,
                     help="comma-separated run names to do, e.g. 'wsts,wsts 16+0,wsts 8+0 alone,unet 16' (default: all)")
-    ap.add_argument("--seed", type=int, default=None, help="training seed of the networks and agents (default: the plan's)")
     ap.add_argument("--seeds", default=None,
-                    help="comma-separated training seeds, e.g. '0,1,2': every run with the first, --seed-runs with all")
+                    help="comma-separated training seeds of the networks and agents, e.g. '0,1,2': every run with the "
+                         "first, --seed-runs with all (default: the plan's seed)")
     ap.add_argument("--seed-runs", default=",".join(SEED_RUNS),
                     help=f"runs repeated for the further --seeds (default: {','.join(SEED_RUNS)!r})")
     ap.add_argument("--set", default=None, help="JSON merged into the plan's config, e.g. '{\"student\": {\"pseudo\": \"soft\"}}'")
@@ -474,8 +474,8 @@ def main(argv=None) -> int:
     if args.set:
         from WeakLiverSegLib.config import deep_update
         plan["config"] = deep_update(plan["config"], json.loads(args.set))   # checked by wsts.resolve_config below
-    if args.seed is not None:
-        plan["config"]["seed"] = int(args.seed)
+    if args.seeds:
+        plan["config"]["seed"] = int(args.seeds.split(",")[0])
     if args.plain_contrast is not None:
         plan["cohort"]["plain_contrast"] = float(args.plain_contrast)
     out = Path(args.out)
@@ -501,7 +501,7 @@ def main(argv=None) -> int:
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     stem = "wsts_experiments_smoke" if args.smoke else "wsts_experiments"
-    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [int(cfg["seed"])]
+    seeds = [int(v) for v in args.seeds.split(",")] if args.seeds else [int(cfg["seed"])]   # cfg: the first seed
     seconds = {}
     res = {"command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + (argv if argv is not None else sys.argv[1:])),
            "device": args.device, "jobs": args.jobs, "seeds": seeds,

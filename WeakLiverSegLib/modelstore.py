@@ -138,3 +138,13 @@ def write_json_atomic(path, obj) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def models_dir() -> Path:
+    """Where converted and downloaded-with-a-package models are cached: ``$WLS_MODELS_DIR``, else
+    ``$XDG_CACHE_HOME/weakliverseg/models`` (``~/.cache/weakliverseg/models``)."""
+    env = os.environ.get("WLS_MODELS_DIR")
+    if env:
+        return Path(env).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache).expanduser() / "weakliverseg" / "models"

@@ -1,0 +1,204 @@
+"""Box -> label-map annotators behind one interface: the foundation model (LiteMedSAM, pretrained or
+fine-tuned), box filling (the baseline), the teacher of a trained model, and the two fused.
+
+Every annotator turns a liver box into label 1 and each tumour box into label 2 (tumour wins), on
+the image's own grid, and refuses a box whose object comes back empty (naming the box).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..boxes import Box, box_mask
+from ..errors import InputError
+from ..volume import Volume
+from .propagate import PropagationSettings, Propagator
+
+NAMES = ("litemedsam", "fill", "fused")
+
+
+@dataclass
+class AnnotateResult:
+    labels: Volume
+    seconds: float = 0.0
+    encoded_slices: int = 0
+    per_box: list = field(default_factory=list)      # {"box", "label", "voxels", "slices"}
+
+
+def _where(n: int, box: Box) -> str:
+    return f"box [{n}] ({box.label}, ijk {list(box.ijk_min)}..{list(box.ijk_max)})"
+
+
+def _order(boxes):
+    """Liver boxes first so that tumours drawn inside them win."""
+    return sorted(enumerate(boxes), key=lambda nb: nb[1].label != "liver")
+
+
+def _compose(shape, masks) -> np.ndarray:
+    labels = np.zeros(shape, dtype=np.uint8)
+    for box, mask in masks:
+        labels[mask] = 2 if box.label == "tumor" else np.maximum(labels[mask], 1)
+    return labels
+
+
+def _check_boxes(image: Volume, boxes) -> list:
+    boxes = list(boxes or [])
+    if not boxes:
+        raise InputError("annotate: no boxes given (a liver box and/or tumour boxes are needed)")
+    for n, box in enumerate(boxes):
+        if box.label not in ("liver", "tumor"):
+            raise InputError(f"{_where(n, box)}: label must be liver or tumor")
+        box.validate(image, where=_where(n, box))
+    return boxes
+
+
+class FillAnnotator:
+    """The baseline: every voxel of a box is the object."""
+    name = "fill"
+
+    def annotate(self, image: Volume, boxes, progress=None) -> AnnotateResult:
+        t0 = time.perf_counter()
+        boxes = _check_boxes(image, boxes)
+        masks = [(b, box_mask(image.array.shape, [b])) for _, b in _order(boxes)]
+        return AnnotateResult(image.with_array(_compose(image.array.shape, masks)), time.perf_counter() - t0,
+                              per_box=[{"box": n, "label": b.label, "voxels": int(m.sum())}
+                                       for n, (b, m) in enumerate(masks)])
+
+
+class LiteMedSAMAnnotator:
+    """Per-slice LiteMedSAM carried through each box (``propagate.Propagator``). The network and its
+    embedding cache stay loaded between calls, so a warm worker pays for a slice only once."""
+    name = "litemedsam"
+
+    def __init__(self, model, device: str = "cpu", settings: PropagationSettings | None = None,
+                 window=None, input_size: int | None = None, batch_size: int = 4):
+        from .litemedsam import SlicePredictor, fuse_batchnorm
+
+        self.model = model
+        net = model.networks["litemedsam"]
+        fuse_batchnorm(net)
+        win = window or model.meta.get("input", {}).get("hu_window") or (-160.0, 240.0)
+        self.predictor = SlicePredictor(net, device=device, window=win, input_size=input_size, batch_size=batch_size)
+        self.settings = settings or PropagationSettings()
+        self.settings.check()
+        self.probabilities = None   # set by annotate(keep_probabilities=True): float16 (z, y, x)
+
+    def annotate(self, image: Volume, boxes, progress=None, image_key=None,
+                 keep_probabilities: bool = False) -> AnnotateResult:
+        t0 = time.perf_counter()
+        boxes = _check_boxes(image, boxes)
+        encoded0 = self.predictor.encoded
+        prop = Propagator(self.predictor, self.settings)
+        self.probabilities = np.zeros(image.array.shape, np.float16) if keep_probabilities else None
+        masks, per_box = [], []
+        order = _order(boxes)
+        for step, (n, box) in enumerate(order):
+            mask = prop.segment(image.array, box, image_key=image_key, prob_out=self.probabilities)
+            if not mask.any():
+                raise InputError(f"{_where(n, box)}: LiteMedSAM found no {box.label} inside this box; check that the "
+                                 f"box is drawn around the object on this image")
+            masks.append((box, mask))
+            per_box.append({"box": n, "label": box.label, "voxels": int(mask.sum()),
+                            "slices": int(mask.any(axis=(1, 2)).sum())})
+            if progress is not None:
+                progress.update("annotate", step + 1, len(order), encoded=self.predictor.encoded - encoded0)
+        return AnnotateResult(image.with_array(_compose(image.array.shape, masks)), time.perf_counter() - t0,
+                              self.predictor.encoded - encoded0, per_box)
+
+
+class TrainedAnnotator:
+    """The teacher of a trained model (a recipe whose ``segment`` uses boxes, e.g. o2l)."""
+    name = "trained"
+
+    def __init__(self, model, device: str = "cpu"):
+        from .. import recipes
+
+        self.model = model
+        self.device = device
+        self.recipe = recipes.get(model.recipe)
+
+    def result(self, image: Volume, boxes, progress=None):
+        phases = self.model.meta.get("input", {}).get("phases") or ["ct"]
+        return self.recipe.segment(self.model, {phases[0]: image}, boxes=boxes, device=self.device,
+                                   progress=progress)
+
+    def annotate(self, image: Volume, boxes, progress=None) -> AnnotateResult:
+        t0 = time.perf_counter()
+        boxes = _check_boxes(image, boxes)
+        labels = self.result(image, boxes, progress).labels.array
+        labels = np.where(box_mask(labels.shape, boxes), labels, 0).astype(np.uint8)
+        _check_found(labels, boxes)
+        return AnnotateResult(image.with_array(labels), time.perf_counter() - t0)
+
+
+class FusedAnnotator:
+    """LiteMedSAM and a trained teacher averaged: the tumour probability inside each tumour box is
+    the mean of LiteMedSAM's (its mask where a slice was interpolated) and the teacher's."""
+    name = "fused"
+
+    def __init__(self, sam: LiteMedSAMAnnotator, teacher: TrainedAnnotator, weight: float = 0.5):
+        self.sam, self.teacher, self.weight = sam, teacher, float(weight)
+
+    def annotate(self, image: Volume, boxes, progress=None, image_key=None) -> AnnotateResult:
+        t0 = time.perf_counter()
+        boxes = _check_boxes(image, boxes)
+        sam = self.sam.annotate(image, boxes, progress, image_key=image_key, keep_probabilities=True)
+        p_sam = self.sam.probabilities.astype(np.float32)
+        res = self.teacher.result(image, boxes, progress)
+        p_teacher = res.probabilities.array.astype(np.float32)
+        teacher_liver = res.labels.array >= 1
+        labels = sam.labels.array.copy()
+        for n, box in _order(boxes):
+            inside = box_mask(labels.shape, [box])
+            if box.label == "tumor":
+                p = self.weight * p_sam + (1 - self.weight) * p_teacher
+                labels[inside & (p > 0.5)] = 2
+                labels[inside & (p <= 0.5) & (labels == 2)] = 1
+        # liver: LiteMedSAM's, widened by the teacher's liver inside the liver box
+        for n, box in _order(boxes):
+            if box.label == "liver":
+                inside = box_mask(labels.shape, [box])
+                labels[inside & teacher_liver & (labels == 0) & (p_sam > 0.25)] = 1
+        _check_found(labels, boxes)
+        return AnnotateResult(image.with_array(labels), time.perf_counter() - t0, sam.encoded_slices, sam.per_box)
+
+
+def _check_found(labels, boxes):
+    for n, box in enumerate(boxes):
+        inside = labels[box_mask(labels.shape, [box])]
+        if not (inside == (2 if box.label == "tumor" else 1)).any() and not (box.label == "liver" and (inside >= 1).any()):
+            raise InputError(f"{_where(n, box)}: the annotator found no {box.label} inside this box")
+
+
+def load_annotator(spec, device: str = "cpu", teacher=None, settings: PropagationSettings | None = None,
+                   models_root=None, **sam_kwargs):
+    """``spec``: "litemedsam" (the pretrained model, converted on first use), "fill", "fused" (needs
+    ``teacher``, a trained model folder) or a model folder (a fine-tuned LiteMedSAM or a trained model
+    whose teacher annotates)."""
+    from ..modelstore import load_model
+    from .convert import pretrained_dir
+
+    spec = str(spec)
+    if spec == "fill":
+        return FillAnnotator()
+    if spec in ("litemedsam", "fused"):
+        sam = LiteMedSAMAnnotator(load_model(pretrained_dir(models_root), device=device), device, settings,
+                                  **sam_kwargs)
+        if spec == "litemedsam":
+            return sam
+        if teacher is None:
+            raise InputError("--annotator fused: needs --teacher MODEL_DIR (a trained model with a teacher)")
+        return FusedAnnotator(sam, TrainedAnnotator(load_model(teacher, device=device), device))
+    path = Path(spec)
+    if not path.exists():
+        raise InputError(f"--annotator {spec!r}: not litemedsam, fill or fused, and no such model folder")
+    model = load_model(path, device=device)
+    if model.recipe == "litemedsam":
+        return LiteMedSAMAnnotator(model, device, settings, **sam_kwargs)
+    if "teacher" not in model.networks:
+        raise InputError(f"{path}: recipe {model.recipe!r} model has no teacher network to annotate boxes with")
+    return TrainedAnnotator(model, device)

@@ -12,7 +12,7 @@ import importlib
 
 from ..errors import InputError
 
-RECIPES = ("o2l", "wsts", "couinaud", "acol", "sdnet")
+RECIPES = ("o2l", "wsts", "couinaud", "acol", "sdnet", "litemedsam")
 _loaded = {}
 
 

@@ -4,9 +4,11 @@ Importable with the standard library alone (numpy, SimpleITK, the store and the 
 are imported inside the methods), so the Slicer module can load, show its panel and offer
 to install missing packages before any of them is needed.
 
-Background jobs (train, fine-tune, segment) run ``python -m WeakLiverSegLib ...`` through
-``runner.BackgroundRunner``; inside Slicer the interpreter is ``PythonSlicer``.  The widget
-polls ``poll()`` from a timer and shows ``progress_view(event)``.
+Background jobs (train, fine-tune, segment, add-case, pip install) run ``python -m
+WeakLiverSegLib.cli ...`` or this module's own steps (``job_main``: ``python -m
+WeakLiverSegLib.slicer_logic segment|add-case``) through ``runner.BackgroundRunner``; inside
+Slicer the interpreter is ``PythonSlicer``.  The widget polls ``poll()`` from a timer, shows
+``progress_view(event)`` and calls ``finish_job()`` after the exit event.
 """
 
 from __future__ import annotations

@@ -154,6 +154,52 @@ def test_missing_program_and_double_start_are_errors(tmp_path):
     runner.wait(10)
 
 
+def test_windows_children_get_no_console_window_and_their_own_group(monkeypatch):
+    """Issue 20, defect 5: PythonSlicer is a console program; hide its window as Slicer's
+    launchConsoleProcess does (STARTUPINFO + SW_HIDE), also CREATE_NO_WINDOW, for the job and taskkill."""
+    import subprocess
+    import types
+
+    from WeakLiverSegLib import runner as runner_module
+
+    class StartupInfo:
+        def __init__(self):
+            self.dwFlags, self.wShowWindow = 0, 1
+
+    fake = dict(STARTUPINFO=StartupInfo, STARTF_USESHOWWINDOW=0x1, SW_HIDE=0, CREATE_NO_WINDOW=0x08000000,
+                CREATE_NEW_PROCESS_GROUP=0x200)
+    for name, value in fake.items():
+        monkeypatch.setattr(subprocess, name, value, raising=False)
+    monkeypatch.setattr(runner_module, "_IS_WINDOWS", True)
+    kwargs = runner_module.popen_platform_kwargs()
+    assert kwargs["creationflags"] == 0x08000000 | 0x200 and "start_new_session" not in kwargs
+    assert kwargs["startupinfo"].dwFlags & 0x1 and kwargs["startupinfo"].wShowWindow == 0
+    assert runner_module.popen_platform_kwargs(new_group=False)["creationflags"] == 0x08000000
+
+    # start() and cancel() really pass them to Popen / run.
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_popen(argv, **kw):
+        calls.append(("popen", kw))
+        raise Stop
+
+    monkeypatch.setattr(subprocess, "Popen", fake_popen)
+    with pytest.raises(Stop):
+        BackgroundRunner(["PythonSlicer", "-c", "pass"]).start()
+    assert calls[0][1]["creationflags"] & 0x08000000 and calls[0][1]["startupinfo"].wShowWindow == 0
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: calls.append(("run", kw)))
+    pending = BackgroundRunner(["x"])
+    pending.process = types.SimpleNamespace(pid=4242)
+    pending.cancel()
+    assert calls[-1][0] == "run" and calls[-1][1]["creationflags"] == 0x08000000
+
+    monkeypatch.setattr(runner_module, "_IS_WINDOWS", False)
+    assert runner_module.popen_platform_kwargs() == {"start_new_session": True}
+
+
 # ----------------------------------------------------------------------------- commands built by the logic
 
 

@@ -120,7 +120,7 @@ def test_parameter_bindings_match_the_parameter_node(ui):
              if w.property("SlicerParameterName")}
     unknown = sorted(set(bound) - set(fields))
     assert not unknown, f"widgets bound to parameters the parameter node lacks: {unknown}"
-    assert {"inputVolume", "plainVolume", "maskSegmentation", "datasetFolder", "caseId", "modelFolder", "device",
+    assert {"inputVolume", "plainVolume", "maskSegmentation", "caseId", "device",
             "volumeLabel", "split", "box2D", "outputProbability", "outputUncertainty"} <= set(bound)
     assert {f"couinaud{n}" for n in range(1, 9)} <= set(bound)
     for parameter, choices in (("device", slicer_logic.DEVICES), ("volumeLabel", slicer_logic.VOLUME_LABELS),
@@ -128,6 +128,20 @@ def test_parameter_bindings_match_the_parameter_node(ui):
         combo = bound[parameter]
         assert [combo.itemText(i) for i in range(combo.count())] == list(choices)
     assert "recipe" in fields and "recipe" not in bound  # filled from the logic: synced by the widget
+    # Folders are text synced by the widget: a pathlib.Path parameter bound to a ctkPathLineEdit
+    # shows "." when unset (Path("") == Path(".")).
+    for folder in ("datasetFolder", "modelFolder"):
+        assert fields[folder] == "str" and folder not in bound
+
+
+def test_path_fields_save_their_history_and_box_texts_say_opposite_corner(ui):
+    """ctkPathLineEdit.settingKey saves nothing without addCurrentPathToHistory()."""
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    for name in ("datasetPathLineEdit", "modelPathLineEdit"):
+        assert ui.findChild(QObject, name).property("settingKey"), name
+        assert f"self.ui.{name}.addCurrentPathToHistory()" in source, name
+    tips = " ".join(ui.findChild(QObject, n).toolTip() for n in ("addTumorBoxButton", "addLiverBoxButton"))
+    assert tips.count("opposite corner") == 2 and "centre" not in tips
 
 
 def test_module_file_references_the_ui_and_keeps_the_widget_thin():

@@ -53,11 +53,6 @@ class BackgroundRunner:
     def start(self) -> "BackgroundRunner":
         if self.process is not None:
             raise RuntimeError("this runner was already started")
-        kwargs = {}
-        if _IS_WINDOWS:
-            kwargs["creationflags"] = subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            kwargs["start_new_session"] = True  # own session + process group = killable tree
         self.process = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,
@@ -69,7 +64,7 @@ class BackgroundRunner:
             encoding="utf-8",
             errors="replace",
             bufsize=1,
-            **kwargs,
+            **popen_platform_kwargs(),
         )
         readers = [
             threading.Thread(target=self._read_stdout, name="runner-stdout", daemon=True),
@@ -132,7 +127,8 @@ class BackgroundRunner:
         if _IS_WINDOWS:
             # taskkill /T takes the children; /F because console apps ignore WM_CLOSE.
             subprocess.run(["taskkill", "/F", "/T", "/PID", str(self.process.pid)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                           **popen_platform_kwargs(new_group=False))
         else:
             self._signal_group(signal.SIGTERM)
             threading.Thread(target=self._escalate, name="runner-kill", daemon=True).start()
@@ -182,6 +178,24 @@ class BackgroundRunner:
         self._finished.set()
         self._events.put({"event": "exit", "returncode": self.returncode, "cancelled": self.cancelled,
                           "error": self.error_message})
+
+
+def popen_platform_kwargs(new_group: bool = True) -> dict:
+    """``subprocess.Popen`` keyword arguments for a background child on this platform.
+
+    POSIX: its own session and process group (``cancel`` signals the whole tree).  Windows: a
+    new process group, and no console window, as Slicer's ``launchConsoleProcess`` does
+    (``STARTUPINFO`` with ``STARTF_USESHOWWINDOW`` / ``SW_HIDE``) plus ``CREATE_NO_WINDOW``:
+    ``PythonSlicer`` is a console program, so without them every job opens a console whose
+    closing would kill the job.
+    """
+    if not _IS_WINDOWS:
+        return {"start_new_session": True} if new_group else {}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+    info.wShowWindow = subprocess.SW_HIDE
+    flags = subprocess.CREATE_NO_WINDOW | (subprocess.CREATE_NEW_PROCESS_GROUP if new_group else 0)
+    return {"creationflags": flags, "startupinfo": info}
 
 
 def _parse_event(line: str) -> dict:

@@ -32,6 +32,7 @@ _RAS_LPS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 # Node attributes that mark a ROI as a WeakLiverSeg box.
 ROI_LABEL_ATTRIBUTE = "WeakLiverSeg.boxLabel"   # "tumor" | "liver"
 ROI_2D_ATTRIBUTE = "WeakLiverSeg.box2D"          # "1" | "0"
+ROI_FIRST_CLICK_ATTRIBUTE = "WeakLiverSeg.firstClickRAS"   # "x y z" while a two-click placement is under way
 
 TABLE_COLUMNS = ("Tumour", "Volume (mL)", "Couinaud segment", "Longest diameter (mm)", "Centroid R", "Centroid A", "Centroid S")
 _ROMAN = {1: "I", 2: "II", 3: "III", 4: "IV", 5: "V", 6: "VI", 7: "VII", 8: "VIII"}
@@ -265,6 +266,18 @@ def roi_is_2d(roi) -> bool:
     return roi.GetAttribute(ROI_2D_ATTRIBUTE) == "1"
 
 
+def new_box_roi_node(name: str, label: str, two_d: bool = False, scene=None):
+    """A new ROI node, tagged as a box BEFORE it enters the scene, so observers of the scene's
+    NodeAddedEvent already see it as a box."""
+    scene = _scene(scene)
+    roi = scene.CreateNodeByClass("vtkMRMLMarkupsROINode")
+    roi.SetName(name)
+    mark_roi(roi, label, two_d=two_d)
+    scene.AddNode(roi)
+    roi.UnRegister(None)  # CreateNodeByClass returned a new reference; the scene holds its own
+    return roi
+
+
 def box_rois(scene=None) -> list:
     """Every ROI node of the scene tagged as a WeakLiverSeg box, in scene order."""
     scene = _scene(scene)
@@ -281,6 +294,83 @@ def roi_corners_ras(roi) -> np.ndarray:
     signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
     local = np.c_[signs * half, np.ones(8)]
     return (local @ _numpy_matrix(roi.GetObjectToWorldMatrix()).T)[:, :3]
+
+
+def roi_object_to_world(roi) -> np.ndarray:
+    """4x4 ROI-object-to-world (RAS) matrix: its columns 0..2 are the box axes, column 3 its centre."""
+    return _numpy_matrix(roi.GetObjectToWorldMatrix())
+
+
+def roi_size(roi) -> np.ndarray:
+    return np.asarray(roi.GetSize(), dtype=float)
+
+
+def set_roi_size(roi, size) -> None:
+    """New side lengths (ROI axes, mm), centre kept."""
+    roi.SetSize(*[float(v) for v in size])
+
+
+def roi_defined_points_ras(roi) -> np.ndarray:
+    """(N, 3) world RAS positions of the ROI's defined control points."""
+    points = []
+    for index in range(roi.GetNumberOfControlPoints()):
+        if roi.GetNthControlPointPositionStatus(index) == roi.PositionDefined:
+            position = [0.0, 0.0, 0.0]
+            roi.GetNthControlPointPositionWorld(index, position)
+            points.append(position)
+    return np.asarray(points, dtype=float).reshape(-1, 3)
+
+
+def roi_first_click(roi):
+    """The recorded first click of a two-click placement (RAS), or None."""
+    text = roi.GetAttribute(ROI_FIRST_CLICK_ATTRIBUTE)
+    if not text:
+        return None
+    try:
+        return np.array([float(v) for v in text.split()], dtype=float)
+    except ValueError:
+        return None
+
+
+def set_roi_first_click(roi, ras) -> None:
+    """Record (RAS) or, with None, forget the first click of a two-click placement."""
+    if ras is None:
+        roi.RemoveAttribute(ROI_FIRST_CLICK_ATTRIBUTE)
+    else:
+        roi.SetAttribute(ROI_FIRST_CLICK_ATTRIBUTE, " ".join(repr(float(v)) for v in ras))
+
+
+def voxel_step_mm(reference, direction_ras) -> float | None:
+    """Distance (mm) between neighbouring voxel centres of the reference volume along a world
+    direction (the slice thickness along a slice view's normal; any orientation)."""
+    if reference is None:
+        return None
+    grid = _reference_geometry(reference)
+    lps = _RAS_LPS @ np.asarray(direction_ras, dtype=float)
+    lps = lps / np.linalg.norm(lps)
+    # Slices of the volume axis closest to the direction, their spacing measured along it.
+    cosines = np.abs(grid.direction.T @ lps)
+    axis = int(np.argmax(cosines))
+    return float(grid.spacing[axis] / cosines[axis])
+
+
+def observe(obj, event_names, callback) -> list:
+    """Observe VTK / MRML events by name (``"NodeAddedEvent"``, ``"PointPositionDefinedEvent"``,
+    ...); ``callback(obj, event_name)``.  Returns the observer tags for ``unobserve``."""
+    import vtk
+
+    tags = []
+    for name in event_names:
+        event = getattr(obj, name, None)
+        if event is None:
+            event = getattr(vtk.vtkCommand, name)   # ModifiedEvent and the other generic events
+        tags.append(obj.AddObserver(event, lambda caller, _event, _name=name: callback(caller, _name)))
+    return tags
+
+
+def unobserve(obj, tags) -> None:
+    for tag in tags:
+        obj.RemoveObserver(tag)
 
 
 def box_from_roi(roi, reference, label: str | None = None, source: str = "slicer") -> Box:
@@ -349,7 +439,7 @@ def _styles() -> dict:
 
 
 def _set_terminology(segment, entry: str) -> None:
-    if hasattr(segment, "SetTerminology"):  # Slicer >= 5.8
+    if hasattr(segment, "SetTerminology"):  # vtkSegment.SetTerminology exists from Slicer 5.10; 5.8 uses the tag
         segment.SetTerminology(entry)
     else:
         segment.SetTag(segment.GetTerminologyEntryTagName(), entry)
@@ -600,7 +690,11 @@ def roi_center_ras(roi) -> tuple:
 
 
 def start_roi_placement(roi) -> None:
-    """Put the Slicer GUI in place mode for ``roi`` (two clicks: centre, then corner). App only."""
+    """Put the Slicer GUI in place mode for ``roi``. App only.
+
+    A Markups ROI placed with two clicks is the bounding box of the two clicked points: one
+    corner, then the opposite corner.
+    """
     import slicer
 
     if not inside_slicer_app():

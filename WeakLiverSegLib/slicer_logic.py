@@ -4,9 +4,11 @@ Importable with the standard library alone (numpy, SimpleITK, the store and the 
 are imported inside the methods), so the Slicer module can load, show its panel and offer
 to install missing packages before any of them is needed.
 
-Background jobs (train, fine-tune, segment) run ``python -m WeakLiverSegLib ...`` through
-``runner.BackgroundRunner``; inside Slicer the interpreter is ``PythonSlicer``.  The widget
-polls ``poll()`` from a timer and shows ``progress_view(event)``.
+Background jobs (train, fine-tune, segment, add-case, pip install) run ``python -m
+WeakLiverSegLib.cli ...`` or this module's own steps (``job_main``: ``python -m
+WeakLiverSegLib.slicer_logic segment|add-case``) through ``runner.BackgroundRunner``; inside
+Slicer the interpreter is ``PythonSlicer``.  The widget polls ``poll()`` from a timer, shows
+``progress_view(event)`` and calls ``finish_job()`` after the exit event.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ DEPENDENCIES = (
     ("PIL", "Pillow>=10"),
 )
 
+# What annotation needs ("Add box", the box list, "Add case"): the boxes, the store, image I/O and
+# the MRML bridge.  A radiologist can label with these alone, before the multi-GB torch + MONAI install.
+ANNOTATION_DEPENDENCIES = ("numpy", "scipy", "SimpleITK", "slicerio", "nrrd")
+TORCH_FLOOR = (2, 4)   # = DEPENDENCIES' "torch>=2.4"
+
 ONE_PHASE_RECIPES = ("o2l", "couinaud", "acol", "sdnet")   # o2l first: the default
 TWO_PHASE_RECIPES = ("wsts",)                              # enhanced teacher, non-enhanced student
 DEVICES = ("auto", "cpu", "cuda")
@@ -46,10 +53,96 @@ SINGLE_PHASE = "ct"                                        # phase name of a one
 ENHANCED_PHASE, PLAIN_PHASE = "enhanced", "plain"
 
 
-def missing_dependencies() -> list:
-    """``[(import name, pip requirement), ...]`` of the packages this Python lacks (nothing imported)."""
+def missing_dependencies(purpose: str = "all") -> list:
+    """``[(import name, pip requirement), ...]`` of the packages this Python lacks (nothing imported).
+
+    ``purpose``: ``"all"`` (train / segment) or ``"annotate"`` (boxes, box list, "Add case": only
+    ``ANNOTATION_DEPENDENCIES``).
+    """
+    if purpose not in ("all", "annotate"):
+        raise ValueError(f"purpose must be 'all' or 'annotate', not {purpose!r}")
     importlib.invalidate_caches()  # see packages pip-installed a moment ago
-    return [(name, req) for name, req in DEPENDENCIES if importlib.util.find_spec(name) is None]
+    wanted = DEPENDENCIES if purpose == "all" else [d for d in DEPENDENCIES if d[0] in ANNOTATION_DEPENDENCIES]
+    return [(name, req) for name, req in wanted if importlib.util.find_spec(name) is None]
+
+
+def installed_torch_version() -> str | None:
+    """torch's installed version from its package metadata (torch is not imported), or None."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def torch_version_requirement() -> str:
+    """The ``torchVersionRequirement`` for ``PyTorchUtilsLogic.installTorch`` (appended to "torch")."""
+    return ">=" + ".".join(str(v) for v in TORCH_FLOOR)
+
+
+def parse_version(text) -> tuple:
+    """``"2.5.1+cu121"`` -> ``(2, 5, 1)``; leading numeric fields only (local labels, rc tags dropped)."""
+    import re
+
+    parts = []
+    for field_ in str(text or "").split("+")[0].split("."):
+        match = re.match(r"\d+", field_)
+        if not match:
+            break
+        parts.append(int(match.group()))
+        if match.group() != field_:
+            break
+    return tuple(parts)
+
+
+def torch_version_problem(version) -> str | None:
+    """Why an installed torch cannot serve (None when it can): absent, or older than ``TORCH_FLOOR``."""
+    if not version:
+        return "torch is not installed"
+    if parse_version(version)[:2] < TORCH_FLOOR:
+        return (f"torch {version} is installed but WeakLiverSeg needs torch{torch_version_requirement()}; "
+                "update it in the PyTorch Utils module (uninstall, then install)")
+    return None
+
+
+def pip_install_command(python: str, missing, torch_version=None) -> list:
+    """argv of the background ``pip install`` of the missing packages other than torch.
+
+    torch never comes from pip: it is the PyTorch extension's build (CUDA or CPU).  When torch
+    is installed, ``torch==<that version>`` is added so that pip cannot replace Slicer's torch with
+    a plain PyPI build while resolving MONAI (pip keeps an installed package that satisfies the
+    pin; a conflict becomes an error instead of a silent swap).
+    """
+    requirements = [req for name, req in missing if name != "torch"]
+    if not requirements:
+        return []
+    argv = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *requirements]
+    if torch_version:
+        argv.append(f"torch=={torch_version}")
+    return argv
+
+
+def box_depth_mm(in_plane_mm, step_mm=None, two_d: bool = False) -> float:
+    """Depth given to a box drawn with two clicks in one slice view (both clicks on one slice).
+
+    Slicer pads that axis to the shorter in-plane side; instead: a 2D box is one slice thick; a
+    3D box is as deep as it is wide (the mean of its two in-plane sides: lesions and the liver are
+    roughly as deep as wide), as a whole, odd number of slices of the reference volume, at least 3,
+    so it stays centred on the clicked slice with its faces on slice boundaries.  ``step_mm``: the
+    reference volume's voxel step along the flat axis (None: no volume, no rounding).  The user
+    changes the depth by dragging the box's handles in another view (e.g. coronal or sagittal).
+    """
+    sides = [float(v) for v in in_plane_mm]
+    target = sum(sides) / len(sides) if sides else 0.0
+    if not step_mm or step_mm <= 0:
+        return target
+    if two_d:
+        return float(step_mm)
+    n = max(3, int(round(target / step_mm)))
+    if n % 2 == 0:
+        n += 1
+    return n * float(step_mm)
 
 
 def implemented_recipes() -> list:
@@ -162,7 +255,200 @@ class _SegmentJob:
     probabilities: Path | None
     uncertainty: Path | None
     name: str
-    couinaud_node: object = None
+    measurements: Path | None = None
+
+
+@dataclass
+class CaseInput:
+    """One case for the store, copied out of the scene by ``prepare_case`` (no MRML left)."""
+    dataset_dir: Path
+    case_id: str
+    images: dict            # phase -> Volume (other phases still on their own grids)
+    reference: str
+    mask: object = None     # Volume | None
+    boxes: list = field(default_factory=list)
+    liver_box: object = None
+    couinaud: list | None = None
+    volume_label: str | None = None
+    split: str = "train"
+    overwrite: bool = False
+
+
+def write_case(case: CaseInput):
+    """The heavy part of "Add case" (no MRML: safe in a background process): resample the other
+    phases onto the reference grid, write the compressed images and mask, update ``dataset.json``."""
+    from .imageio import resample_to
+    from .store import DATASET_FILE, Dataset
+
+    root = Path(case.dataset_dir)
+    if (root / DATASET_FILE).is_file():
+        dataset = Dataset.load(root)
+        if case.case_id in dataset and not case.overwrite:
+            raise InputError(f"{case.case_id}: case already exists in {dataset.path}; choose another case id or confirm overwriting")
+    else:
+        # A new store: nothing is written until add_case has checked the whole case.
+        dataset = Dataset(root, name=root.name)
+    grid = case.images[case.reference]
+    images = {phase: volume if phase == case.reference or volume.same_grid(grid) else resample_to(volume, grid, "linear")
+              for phase, volume in case.images.items()}
+    return dataset.add_case(case.case_id, images, reference=case.reference, mask=case.mask, boxes=case.boxes,
+                            liver_box=case.liver_box, couinaud=case.couinaud, volume_label=case.volume_label,
+                            split=case.split, overwrite=case.overwrite)
+
+
+def _save_volume(volume, path: Path) -> dict:
+    """Exact (array .npy + geometry as JSON floats) and fast: no compression, no float32 geometry."""
+    import numpy as np
+
+    np.save(path, np.ascontiguousarray(volume.array), allow_pickle=False)
+    return {"array": path.name, "spacing": [float(v) for v in volume.spacing],
+            "origin": [float(v) for v in volume.origin], "direction": np.asarray(volume.direction, float).tolist()}
+
+
+def _load_volume(entry: dict, folder: Path):
+    import numpy as np
+
+    from .volume import Volume
+
+    return Volume(np.load(folder / entry["array"], allow_pickle=False), tuple(entry["spacing"]),
+                  tuple(entry["origin"]), np.asarray(entry["direction"], float))
+
+
+def save_case_input(case: CaseInput, folder) -> Path:
+    """Write a ``CaseInput`` to ``folder`` (for the background process); the spec file's path."""
+    import json
+
+    folder = Path(folder)
+    spec = {"dataset_dir": str(case.dataset_dir), "case_id": case.case_id, "reference": case.reference,
+            "images": {phase: _save_volume(v, folder / f"image_{n}.npy") for n, (phase, v) in enumerate(case.images.items())},
+            "mask": _save_volume(case.mask, folder / "mask.npy") if case.mask is not None else None,
+            "boxes": [b.to_json() for b in case.boxes],
+            "liver_box": case.liver_box.to_json() if case.liver_box is not None else None,
+            "couinaud": case.couinaud, "volume_label": case.volume_label, "split": case.split,
+            "overwrite": bool(case.overwrite)}
+    path = folder / "case.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+def load_case_input(path) -> CaseInput:
+    import json
+
+    from .boxes import Box
+
+    path = Path(path)
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    folder = path.parent
+    return CaseInput(Path(spec["dataset_dir"]), spec["case_id"],
+                     {phase: _load_volume(v, folder) for phase, v in spec["images"].items()}, spec["reference"],
+                     _load_volume(spec["mask"], folder) if spec["mask"] else None,
+                     [Box.from_json(b, where=f"{path} boxes[{n}]") for n, b in enumerate(spec["boxes"])],
+                     Box.from_json(spec["liver_box"], where=f"{path} liver_box") if spec["liver_box"] else None,
+                     spec["couinaud"], spec["volume_label"], spec["split"], spec["overwrite"])
+
+
+@dataclass
+class JobOutcome:
+    """What ``finish_job`` did after a background job ended (the widget shows it)."""
+    kind: str | None
+    error: str | None = None          # the job's own failure (None: success or cancel)
+    cancelled: bool = False
+    output: SegmentOutput | None = None   # segment: what was loaded into the scene
+    model_folder: Path | None = None      # fine-tune: the new model, to select
+    case: tuple | None = None             # add-case: (dataset folder, case id)
+    status: str = ""                      # one line for the status label
+    load_error: str | None = None         # loading / applying the result failed
+
+    @property
+    def message(self) -> str | None:
+        """The error dialog text, or None."""
+        parts = [p for p in (self.error, self.load_error) if p]
+        return "\n".join(parts) if parts else None
+
+
+class BoxWatcher:
+    """Keeps observers on every WeakLiverSeg box ROI of a scene.
+
+    The scene's NodeAdded / NodeRemoved / EndImport / EndClose events re-sync the set, so boxes
+    created here, loaded from a saved scene or made by a script are all observed, and the
+    observers of ROIs deleted anywhere are removed.  A box's PointPositionDefinedEvent goes
+    through ``logic.box_point_defined`` (the placement depth); every box event then calls
+    ``on_change(roi)``, scene changes ``on_change(None)``.  ``close()`` removes everything.
+    """
+
+    SCENE_EVENTS = ("NodeAddedEvent", "NodeRemovedEvent", "EndImportEvent", "EndCloseEvent")
+    # ModifiedEvent too: the placement check must not depend on the order of Slicer's deferred
+    # point events (the second click's PointPositionDefinedEvent is not always delivered).
+    BOX_EVENTS = ("PointPositionDefinedEvent", "PointEndInteractionEvent", "ModifiedEvent")
+
+    def __init__(self, logic, on_change, reference=None, defer=None):
+        from . import slicer_bridge as bridge
+
+        self.logic = logic
+        self.on_change = on_change
+        self.reference = reference
+        # defer(fn): run fn once the current MRML event processing is over (the widget passes
+        # qt.QTimer.singleShot(0, fn)).  Slicer delivers a ROI's point events while it is still
+        # updating the box (stale frame), so the placement check runs after it.
+        self.defer = defer
+        self._pending = set()
+        self.scene = logic.scene
+        self._boxes = {}   # node id -> (roi, tags)
+        self._scene_tags = bridge.observe(self.scene, self.SCENE_EVENTS, self._scene_event)
+        self.sync()
+
+    @property
+    def observed(self) -> list:
+        return [roi for roi, _ in self._boxes.values()]
+
+    def sync(self) -> None:
+        from . import slicer_bridge as bridge
+
+        current = {roi.GetID(): roi for roi in bridge.box_rois(self.scene)}
+        for node_id in [i for i, (roi, _) in self._boxes.items() if current.get(i) is not roi]:
+            roi, tags = self._boxes.pop(node_id)
+            bridge.unobserve(roi, tags)
+        for node_id, roi in current.items():
+            if node_id not in self._boxes:
+                self._boxes[node_id] = (roi, bridge.observe(roi, self.BOX_EVENTS, self._box_event))
+
+    def close(self) -> None:
+        from . import slicer_bridge as bridge
+
+        for roi, tags in self._boxes.values():
+            bridge.unobserve(roi, tags)
+        self._boxes.clear()
+        if self._scene_tags:
+            bridge.unobserve(self.scene, self._scene_tags)
+            self._scene_tags = []
+
+    def _scene_event(self, scene, event_name) -> None:
+        if event_name in ("NodeAddedEvent", "NodeRemovedEvent") and scene.IsImporting():
+            return  # a scene being loaded: EndImportEvent syncs once at the end
+        self.sync()
+        if self.on_change is not None:
+            self.on_change(None)
+
+    def _box_event(self, roi, event_name) -> None:
+        if event_name in ("PointPositionDefinedEvent", "ModifiedEvent"):
+            node_id = roi.GetID()
+            if node_id not in self._pending:
+                self._pending.add(node_id)
+                if self.defer is None:
+                    self._settle(node_id)
+                else:
+                    self.defer(lambda: self._settle(node_id))
+        if self.on_change is not None and event_name != "ModifiedEvent":
+            self.on_change(roi)
+
+    def _settle(self, node_id) -> None:
+        self._pending.discard(node_id)
+        entry = self._boxes.get(node_id)
+        if entry is None:
+            return  # deleted meanwhile
+        reference = self.reference() if callable(self.reference) else self.reference
+        if self.logic.box_point_defined(entry[0], reference) and self.on_change is not None:
+            self.on_change(entry[0])
 
 
 class WeakLiverSegLogic:
@@ -171,8 +457,12 @@ class WeakLiverSegLogic:
     def __init__(self, scene=None):
         self._scene = scene
         self.runner: BackgroundRunner | None = None
-        self.job_kind: str | None = None          # "train" | "segment" while a job runs
+        self.job_kind: str | None = None          # "train" | "fine-tune" | "segment" | "add-case" | "install"
         self._segment_job: _SegmentJob | None = None
+        self.pending_model_folder: Path | None = None   # a fine-tune's output, selected when it succeeds
+        self._job_workdir: Path | None = None
+        self._job_case: tuple | None = None
+        self.last_done: dict | None = None        # the running job's last "done" event
 
     @property
     def scene(self):
@@ -207,8 +497,7 @@ class WeakLiverSegLogic:
         while f"Tumour box {n}" in names:
             n += 1
         name = "Liver box" if label == "liver" else f"Tumour box {n}"
-        roi = self.scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
-        bridge.mark_roi(roi, label, two_d=two_d)
+        roi = bridge.new_box_roi_node(name, label, two_d=two_d, scene=self.scene)
         roi.CreateDefaultDisplayNodes()
         display = roi.GetDisplayNode()
         if display is not None:
@@ -228,6 +517,51 @@ class WeakLiverSegLogic:
         from . import slicer_bridge as bridge
 
         return bridge.box_rois(self.scene)
+
+    def box_point_defined(self, roi, reference_node=None) -> bool:
+        """Call on every ``PointPositionDefinedEvent`` / ``ModifiedEvent`` of a box ROI (``BoxWatcher`` does).
+
+        Two-click placement makes the bounding box of the two clicked points (one corner, then
+        the opposite corner).  The first click is recorded; when the box is complete and both
+        clicks lay on one slice (one flat axis), that axis gets ``box_depth_mm`` instead of
+        Slicer's padding.  True when the ROI was changed.
+        """
+        import numpy as np
+
+        from . import slicer_bridge as bridge
+
+        size = bridge.roi_size(roi)
+        first = bridge.roi_first_click(roi)
+        points = bridge.roi_defined_points_ras(roi)
+        preview = roi.GetNumberOfControlPoints() > len(points)   # the point following the mouse
+        if first is None:
+            # One click made (the box is empty, or spans the click and the mouse preview).
+            if len(points) == 1 and (preview or not np.any(size > 0)):
+                bridge.set_roi_first_click(roi, points[0])
+            return False  # else: not a two-click placement seen from its start (loaded, moved, made by code)
+        if preview or len(points) != 1 or not np.any(size > 0):
+            return False  # still placing
+        bridge.set_roi_first_click(roi, None)
+        frame = bridge.roi_object_to_world(roi)
+        local = np.linalg.solve(frame[:3, :3], first - frame[:3, 3])   # first click in box axes
+        # The clicked corner sits on the box's faces (|local| = size / 2) except along an axis
+        # where both clicks coincide: there it is at the centre, and Slicer padded that side.
+        flat = np.abs(local) < 0.25 * size / 2
+        if flat.sum() != 1:
+            return False  # clicks in different slices (3D view, two views): the user gave the depth
+        axis = int(np.argmax(flat))
+        step = bridge.voxel_step_mm(reference_node, frame[:3, axis]) if reference_node is not None else None
+        size = size.copy()
+        size[axis] = box_depth_mm([size[a] for a in range(3) if a != axis], step, two_d=bridge.roi_is_2d(roi))
+        bridge.set_roi_size(roi, size)
+        return True
+
+    def watch_boxes(self, on_change, reference=None, defer=None) -> "BoxWatcher":
+        """Observe every box ROI of the scene (also those loaded with a saved scene) and drop the
+        observers of removed ones; ``on_change(roi_or_None)`` after any box change.  ``reference``:
+        a callable giving the current reference volume node (for the placement depth); ``defer``:
+        see ``BoxWatcher``."""
+        return BoxWatcher(self, on_change, reference, defer)
 
     def describe_box(self, roi, reference_node=None) -> str:
         """One line for the box list, e.g. ``Tumour box 2 - tumour, 2D, slice 41``."""
@@ -288,9 +622,17 @@ class WeakLiverSegLogic:
         when their grids differ.  ``rois``: box ROI nodes (default: every tagged ROI of the
         scene).  A folder without ``dataset.json`` becomes a new store with this first case.  An
         existing case is never replaced unless ``overwrite``; a failed write leaves the store as it was.
+        Runs in the calling thread; the panel uses ``start_add_case`` (the writing in the background).
         """
+        return write_case(self.prepare_case(dataset_dir, case_id, volumes, segmentation=segmentation, rois=rois,
+                                            couinaud=couinaud, volume_label=volume_label, split=split,
+                                            overwrite=overwrite))
+
+    def prepare_case(self, dataset_dir, case_id: str, volumes: dict, segmentation=None, rois=None,
+                     couinaud=None, volume_label=None, split: str = "train", overwrite: bool = False) -> "CaseInput":
+        """The MRML part of "Add case" (must run in the GUI thread): volumes, mask and boxes copied
+        out of the scene, the cheap checks made.  ``write_case`` does the rest."""
         from . import slicer_bridge as bridge
-        from .imageio import resample_to
         from .store import DATASET_FILE, Dataset
 
         if not dataset_dir:
@@ -307,19 +649,13 @@ class WeakLiverSegLogic:
                 raise InputError(f"{case_id}: case already exists in {dataset.path}; choose another case id or confirm overwriting")
         elif dataset_dir.exists() and not dataset_dir.is_dir():
             raise InputError(f"{dataset_dir}: exists and is not a folder")
-        else:
-            # A new store: nothing is written until add_case has checked the whole case.
-            dataset = Dataset(dataset_dir, name=dataset_dir.name)
 
         reference = ENHANCED_PHASE if ENHANCED_PHASE in volumes else next(iter(volumes))
         reference_node = volumes[reference]
         images = {reference: bridge.volume_from_node(reference_node)}
-        grid = images[reference]
         for phase, node in volumes.items():
-            if phase == reference:
-                continue
-            volume = bridge.volume_from_node(node)
-            images[phase] = volume if volume.same_grid(grid) else resample_to(volume, grid, "linear")
+            if phase != reference:
+                images[phase] = bridge.volume_from_node(node)   # resampled by write_case when needed
 
         mask = None
         if segmentation is not None:
@@ -333,13 +669,25 @@ class WeakLiverSegLogic:
             (liver_boxes if box.label == "liver" else boxes).append(box)
         if len(liver_boxes) > 1:
             raise InputError(f"{case_id}: {len(liver_boxes)} liver boxes placed; a case has at most one")
+        return CaseInput(dataset_dir, case_id, images, reference, mask, boxes,
+                         liver_boxes[0] if liver_boxes else None, couinaud,
+                         None if volume_label in (None, "", "unknown") else volume_label, split, overwrite)
 
-        return dataset.add_case(
-            case_id, images, reference=reference, mask=mask, boxes=boxes,
-            liver_box=liver_boxes[0] if liver_boxes else None, couinaud=couinaud,
-            volume_label=None if volume_label in (None, "", "unknown") else volume_label,
-            split=split, overwrite=overwrite,
-        )
+    def start_add_case(self, dataset_dir, case_id: str, volumes: dict, **kwargs) -> BackgroundRunner:
+        """"Add case" for the panel: ``prepare_case`` here, then resampling, compression and the
+        store update in a background process (``job_main add-case``).  Same arguments as
+        ``add_case_to_dataset``."""
+        case = self.prepare_case(dataset_dir, case_id, volumes, **kwargs)
+        workdir = Path(tempfile.mkdtemp(prefix="weakliverseg-case-"))
+        try:
+            spec = save_case_input(case, workdir)
+            runner = self._start(self._jobs() + ["add-case", "--spec", str(spec)], "add-case")
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        self._job_workdir = workdir
+        self._job_case = (str(case.dataset_dir), case.case_id)
+        return runner
 
     # ------------------------------------------------------------------ commands
 
@@ -351,6 +699,10 @@ class WeakLiverSegLogic:
 
     def _cli(self) -> list:
         return [self.python_executable(), "-m", "WeakLiverSegLib.cli"]
+
+    def _jobs(self) -> list:
+        """argv prefix of the panel's own background steps (``job_main`` below)."""
+        return [self.python_executable(), "-m", "WeakLiverSegLib.slicer_logic"]
 
     def build_train_command(self, dataset, recipe, out, device="auto", init=None, resume=False, steps=None) -> list:
         """argv of ``weakliverseg train`` for the background process."""
@@ -417,7 +769,18 @@ class WeakLiverSegLogic:
             raise InputError(f"a {self.job_kind} job is still running; wait for it or cancel it")
         self.runner = BackgroundRunner(argv, env=self.subprocess_env()).start()
         self.job_kind = kind
+        self.last_done = None
         return self.runner
+
+    def start_install(self, missing) -> BackgroundRunner | None:
+        """pip-install the missing packages (not torch) in the background; None when nothing to do.
+
+        Same as ``slicer.util.pip_install`` (``PythonSlicer -m pip install``), without freezing the GUI.
+        """
+        argv = pip_install_command(self.python_executable(), missing, installed_torch_version())
+        if not argv:
+            return None
+        return self._start(argv, "install")
 
     def start_training(self, dataset, recipe, out, device="auto", steps=None, finetune_from=None,
                        overwrite: bool = False) -> BackgroundRunner:
@@ -428,7 +791,9 @@ class WeakLiverSegLogic:
         if out and (Path(out) / "model.json").is_file() and not overwrite:
             raise InputError(f"{out}: already holds a model; choose another folder, fine-tune, or confirm overwriting")
         argv = self.build_train_command(dataset, recipe, out, device=device, init=finetune_from, steps=steps)
-        return self._start(argv, "fine-tune" if finetune_from else "train")
+        runner = self._start(argv, "fine-tune" if finetune_from else "train")
+        self.pending_model_folder = Path(out) if finetune_from else None
+        return runner
 
     def segment_inputs(self, model, volumes: dict) -> dict:
         """Which selected volumes the model reads: ``{phase: node}`` (its inference phases)."""
@@ -449,8 +814,10 @@ class WeakLiverSegLogic:
                            name=None, couinaud: bool = False) -> BackgroundRunner:
         """Write the input volume(s) to a temp folder and run ``segment`` on them in the background.
 
-        ``couinaud``: when the result is loaded, estimate each tumour's Couinaud segment from the
-        enhanced (or only) phase (the landmark constructor; about 10 s on a 512x512x130 CT).
+        The background process (``job_main segment``) also measures the tumours and, with
+        ``couinaud``, estimates each tumour's Couinaud segment from the enhanced (or only) phase
+        (the landmark constructor; about 10 s on a 512x512x130 CT), so loading the result in the
+        GUI thread is only the MRML import.
         """
         from . import slicer_bridge as bridge
         from .imageio import write_image
@@ -471,11 +838,18 @@ class WeakLiverSegLogic:
                               workdir / "probabilities.nii.gz" if probabilities else None,
                               workdir / "uncertainty.nii.gz" if uncertainty else None,
                               name or reference_node.GetName() or "Volume",
-                              couinaud_node=(volumes.get(ENHANCED_PHASE) or volumes.get(SINGLE_PHASE)) if couinaud else None)
+                              measurements=workdir / "tumours.json")
             inputs = next(iter(paths.values())) if len(paths) == 1 else paths
             argv = self.build_segment_command(model, inputs, job.labels, job.probabilities, job.uncertainty,
                                               device=device)
-            runner = self._start(argv, "segment")
+            jobs = self._jobs() + ["segment", "--measure", str(job.measurements)]
+            couinaud_node = (volumes.get(ENHANCED_PHASE) or volumes.get(SINGLE_PHASE)) if couinaud else None
+            if couinaud_node is not None:
+                image = next((paths[p] for p, n in chosen.items() if n is couinaud_node), None)
+                if image is None:
+                    image = write_image(bridge.volume_from_node(couinaud_node), workdir / "couinaud_image.nii", compress=False)
+                jobs += ["--couinaud-image", str(image)]
+            runner = self._start(jobs + ["--"] + argv[3:], "segment")
         except BaseException:
             shutil.rmtree(workdir, ignore_errors=True)
             raise
@@ -483,11 +857,121 @@ class WeakLiverSegLogic:
         return runner
 
     def poll(self) -> list:
-        return self.runner.poll() if self.runner is not None else []
+        events = self.runner.poll() if self.runner is not None else []
+        for event in events:
+            if event.get("event") == "done":
+                self.last_done = event
+        return events
+
+    def finish_job(self) -> JobOutcome:
+        """Everything after a background job's exit event; never raises.
+
+        Loads a segmentation, selects a fine-tuned model, names the added case; whatever fails
+        (a corrupt result file, a scene closed meanwhile), the job state is cleared and the
+        temporary files removed, so the panel always comes back usable.  Errors are in the outcome.
+        """
+        runner, kind = self.runner, self.job_kind
+        ok = runner is not None and runner.finished and runner.returncode == 0
+        outcome = JobOutcome(kind, cancelled=bool(runner is not None and runner.cancelled))
+        if runner is not None and not ok and not outcome.cancelled:
+            outcome.error = f"WeakLiverSeg {kind} failed: {runner.error_message or 'no exit status'}"
+        try:
+            if kind == "segment":
+                outcome.output = self.finish_segmentation()
+                if outcome.output is not None:
+                    outcome.status = f"Segmentation loaded: {outcome.output.summary}."
+            elif kind == "fine-tune" and ok:
+                outcome.model_folder = self.pending_model_folder
+                outcome.status = f"Fine-tuned model written to {outcome.model_folder}; it is now the selected model."
+            elif kind == "train" and ok:
+                outcome.status = "Training finished."
+            elif kind == "add-case" and ok:
+                outcome.case = self._job_case
+                labels = ", ".join((self.last_done or {}).get("labels") or []) or "no labels"
+                outcome.status = f"Case {self._job_case[1]} saved in {self._job_case[0]} ({labels})."
+            elif kind == "install" and ok:
+                outcome.status = "Python packages installed."
+        except Exception as exc:  # noqa: BLE001 - shown to the user; the panel must recover
+            outcome.load_error = f"Cannot load the {kind} result: {exc}"
+        finally:
+            if self._segment_job is not None:
+                shutil.rmtree(self._segment_job.workdir, ignore_errors=True)
+                self._segment_job = None
+            if self._job_workdir is not None:
+                shutil.rmtree(self._job_workdir, ignore_errors=True)
+                self._job_workdir = None
+            self.pending_model_folder = None
+            self._job_case = None
+            self.job_kind = None
+        if not outcome.status:
+            outcome.status = f"{kind} cancelled." if outcome.cancelled else f"{kind} failed."
+        return outcome
 
     def cancel(self) -> None:
         if self.runner is not None:
             self.runner.cancel()
+
+    def wait_for_job(self, timeout_s: float = 600.0, tick=None) -> JobOutcome:
+        """Block until the running job ends (self-test, scripts), then ``finish_job``.
+
+        ``tick()`` runs between polls (``slicer.app.processEvents`` keeps the GUI alive).  On
+        timeout the job is cancelled and the outcome says so.
+        """
+        import time
+
+        deadline = time.monotonic() + float(timeout_s)
+        while self.runner is not None and not self.runner.finished:
+            self.poll()
+            if tick is not None:
+                tick()
+            if time.monotonic() > deadline:
+                self.cancel()
+                self.runner.wait(30)
+                outcome = self.finish_job()
+                outcome.error = f"{outcome.kind} did not finish within {timeout_s:.0f} s (cancelled)"
+                return outcome
+            time.sleep(0.05)
+        self.poll()
+        return self.finish_job()
+
+    def run_tiny_case(self, folder, device: str = "cpu", steps: int = 2, timeout_s: float = 900.0, tick=None):
+        """The panel's whole path on a tiny synthetic case, for the module self-test.
+
+        A 3-case phantom cohort (40x40x12 voxels); one of its images becomes a volume node with a
+        tumour box ROI and is added to the store with "Add case" (background write); the o2l
+        recipe trains ``steps`` steps in the background; "Segment" runs the model on the node in
+        the background and loads the result.  Returns the ``SegmentOutput``; raises RuntimeError
+        naming the step that failed.
+        """
+        from . import slicer_bridge as bridge
+        from .boxes import boxes_from_mask
+        from .phantom import generate_cohort
+
+        folder = Path(folder)
+        cohort = generate_cohort(folder / "cohort", cases=3, seed=3, shape=(40, 40, 12))
+        first = next(iter(cohort.cases))
+        image = cohort.read_image(first)
+        node = bridge.volume_to_node(image, "WeakLiverSeg self-test", scene=self.scene)
+        truth = cohort.read_truth(first)
+        lesions = boxes_from_mask(truth.array) if truth is not None else []
+        for box in lesions[:1]:
+            bridge.roi_from_box(box, node, scene=self.scene)
+
+        def finished(step, outcome):
+            if outcome.message or outcome.cancelled:
+                raise RuntimeError(f"self-test {step}: {outcome.message or 'cancelled'}")
+            return outcome
+
+        self.start_add_case(cohort.root, "selftest", {SINGLE_PHASE: node}, volume_label="tumour" if lesions else "healthy",
+                            split="train")
+        finished("add case", self.wait_for_job(timeout_s, tick))
+        self.start_training(cohort.root, "o2l", folder / "model", device=device, steps=steps)
+        finished("train", self.wait_for_job(timeout_s, tick))
+        self.start_segmentation(folder / "model", {SINGLE_PHASE: node}, device=device, probabilities=True)
+        outcome = finished("segment", self.wait_for_job(timeout_s, tick))
+        if outcome.output is None:
+            raise RuntimeError("self-test segment: no result was loaded")
+        return outcome.output
 
     def finish_segmentation(self) -> SegmentOutput | None:
         """After a successful segment job: load its files into the scene, remove the temp folder."""
@@ -499,7 +983,7 @@ class WeakLiverSegLogic:
                 return None
             return self.load_segment_result(job.labels, job.probabilities, job.reference_node,
                                             uncertainty_file=job.uncertainty, name=job.name,
-                                            couinaud_node=job.couinaud_node)
+                                            measurements=job.measurements)
         finally:
             shutil.rmtree(job.workdir, ignore_errors=True)
 
@@ -525,12 +1009,14 @@ class WeakLiverSegLogic:
             return None
 
     def load_segment_result(self, label_file, probability_file, reference_node, uncertainty_file=None,
-                            name: str | None = None, couinaud_node=None) -> SegmentOutput:
+                            name: str | None = None, couinaud_node=None, measurements=None) -> SegmentOutput:
         """Label map file -> segmentation node (``Liver``, ``Liver tumor``) + tumour table node,
         and optional probability / uncertainty volume nodes, on the reference volume's grid.
 
         ``couinaud_node``: the contrast-enhanced volume; when given, the Couinaud constructor
-        assigns each tumour its segment (else the table says "n/a").
+        assigns each tumour its segment (else the table says "n/a").  ``measurements``: the
+        tumour rows the background process wrote (``job_main segment --measure``); when the file
+        exists, nothing is measured or estimated here.
         """
         from . import slicer_bridge as bridge
         from .imageio import read_image, read_label_map, resample_to
@@ -542,8 +1028,14 @@ class WeakLiverSegLogic:
             labels = resample_to(labels, grid, "nearest")
         segmentation = bridge.labelmap_to_segmentation(labels, reference_node, name=f"{name} WeakLiverSeg", scene=self.scene)
         notes = []
-        hook = self.couinaud_hook(couinaud_node, labels, notes)
-        tumours = bridge.measure_tumours(labels, couinaud_of=hook)
+        if measurements and Path(measurements).is_file():
+            import json
+
+            measured = json.loads(Path(measurements).read_text(encoding="utf-8"))
+            tumours, notes = measured["tumours"], list(measured.get("notes") or [])
+        else:
+            hook = self.couinaud_hook(couinaud_node, labels, notes)
+            tumours = bridge.measure_tumours(labels, couinaud_of=hook)
         table = bridge.tumour_table(labels, name=f"{name} tumours", rows=tumours, scene=self.scene)
         extra = {}
         for key, path, title in (("probability", probability_file, "tumour probability"),
@@ -554,3 +1046,107 @@ class WeakLiverSegLogic:
                     volume = resample_to(volume, grid, "linear")
                 extra[key] = bridge.volume_to_node(volume, name=f"{name} {title}", scene=self.scene)
         return SegmentOutput(segmentation=segmentation, table=table, tumours=tumours, notes=notes, **extra)
+
+
+# --------------------------------------------------------------------------- background steps
+#
+# ``python -m WeakLiverSegLib.slicer_logic STEP ...`` (PythonSlicer inside Slicer): the parts of the
+# panel's work that need no MRML, run by ``BackgroundRunner`` so the GUI never freezes.  Output:
+# the same jsonl events as the CLI; exit codes 0 / 2 (bad input) / 1 / 130 (cancelled).
+
+
+def _job_segment(args, progress) -> int:
+    """``cli segment`` (same process), then the tumour measurements and the optional Couinaud
+    estimate that loading the result would otherwise compute in the GUI thread."""
+    import json
+
+    import numpy as np
+
+    from . import cli
+    from . import slicer_bridge as bridge
+    from .imageio import read_image, read_label_map, resample_to
+
+    code = cli.main(list(args.cli))
+    if code != 0:
+        return code
+    labels_file = args.cli[args.cli.index("--out") + 1]
+    labels = read_label_map(labels_file)
+    notes, hook = [], None
+    if args.couinaud_image and (np.asarray(labels.array) == 2).any():
+        progress.log("estimating the Couinaud segment of each tumour")
+        try:
+            from .couinaud_map import construct_couinaud
+
+            image = read_image(args.couinaud_image)
+            if not image.same_grid(labels):
+                image = resample_to(image, labels, "linear")
+            hook = bridge.couinaud_lookup(construct_couinaud(image, labels, where=str(args.couinaud_image)))
+        except Exception as exc:  # an estimate for the table: never a reason to lose the segmentation
+            notes.append(f"Couinaud segments not estimated ({type(exc).__name__}: {exc})")
+    tumours = bridge.measure_tumours(labels, couinaud_of=hook)
+    out = Path(args.measure)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"tumours": tumours, "notes": notes}), encoding="utf-8")
+    os.replace(tmp, out)
+    progress.done(measurements=str(out), tumours=len(tumours))
+    return 0
+
+
+def _job_add_case(args, progress) -> int:
+    case = load_case_input(args.spec)
+    progress.log(f"writing case {case.case_id} into {case.dataset_dir}")
+    written = write_case(case)
+    progress.done(case=written.id, dataset=str(case.dataset_dir), labels=sorted(written.label_kinds))
+    return 0
+
+
+def job_main(argv=None) -> int:
+    import argparse
+    import signal
+    import sys
+    import traceback
+
+    from .errors import Cancelled
+    from .progress import Progress
+
+    parser = argparse.ArgumentParser(prog="python -m WeakLiverSegLib.slicer_logic",
+                                     description="background steps of the WeakLiverSeg Slicer module")
+    sub = parser.add_subparsers(dest="step", required=True)
+    seg = sub.add_parser("segment", help="weakliverseg segment, then measure the tumours (and Couinaud segments)")
+    seg.add_argument("--measure", required=True, help="tumour table JSON to write")
+    seg.add_argument("--couinaud-image", help="enhanced (or only) phase for the Couinaud estimate")
+    seg.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the arguments of 'weakliverseg segment'")
+    add = sub.add_parser("add-case", help="write a prepared case (save_case_input) into its store")
+    add.add_argument("--spec", required=True)
+    args = parser.parse_args(argv)
+    if args.step == "segment":
+        args.cli = list(args.cli[1:] if args.cli[:1] == ["--"] else args.cli)
+        if args.cli[:1] != ["segment"] or "--out" not in args.cli:
+            parser.error("segment: expected -- segment ... --out LABELS (the arguments of 'weakliverseg segment')")
+    progress = Progress("jsonl")
+
+    def on_term(signum, frame):
+        raise Cancelled("cancelled by signal")
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:
+        pass
+    try:
+        return {"segment": _job_segment, "add-case": _job_add_case}[args.step](args, progress)
+    except InputError as exc:
+        msg = str(exc).replace("\n", " ")
+        progress.error(msg)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except (Cancelled, KeyboardInterrupt):
+        progress.error("cancelled")
+        return 130
+    except Exception as exc:
+        progress.error(f"internal error: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(job_main())

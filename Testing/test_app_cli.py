@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from WeakLiverSegLib import cli
+from WeakLiverSegLib.app import cli
 
 COMMANDS = ["phantom", "train", "pseudo", "segment", "evaluate", "demo", "bench"]
 
@@ -50,7 +50,7 @@ def test_missing_dataset_is_exit_2_with_the_path(tmp_path, capsys):
 
 
 def test_unknown_recipe_is_exit_2(tmp_path, capsys):
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     Dataset.create(tmp_path / "ds")
     code = cli.main(["train", "--dataset", str(tmp_path / "ds"), "--recipe", "nosuch", "--out", str(tmp_path / "m")])
@@ -71,7 +71,7 @@ def test_cuda_requested_without_gpu_is_a_clear_error(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     Dataset.create(tmp_path / "ds")
     code = cli.main(["train", "--dataset", str(tmp_path / "ds"), "--recipe", "o2l", "--out", str(tmp_path / "m"),

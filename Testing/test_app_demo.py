@@ -2,8 +2,8 @@
 
 import json
 
-from WeakLiverSegLib.demo import run_demo
-from WeakLiverSegLib.progress import Progress
+from WeakLiverSegLib.app.demo import run_demo
+from WeakLiverSegLib.app.progress import Progress
 
 
 def test_demo_writes_report_predictions_and_metrics(tmp_path):

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from WeakLiverSegLib.boxes import (
+from WeakLiverSegLib.data.boxes import (
     Box,
     box_mask,
     boxes_from_mask,
@@ -11,7 +11,7 @@ from WeakLiverSegLib.boxes import (
     perturb_box,
 )
 from WeakLiverSegLib.errors import InputError
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.data.volume import Volume
 
 
 def rotation(axis, degrees):

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from WeakLiverSegLib import imageio
+from WeakLiverSegLib.data import imageio
 from WeakLiverSegLib.errors import InputError
-from WeakLiverSegLib.terminology import segment_styles, style_for_segment
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.data.terminology import segment_styles, style_for_segment
+from WeakLiverSegLib.data.volume import Volume
 
 from scipy.spatial.transform import Rotation
 

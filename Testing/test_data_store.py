@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from WeakLiverSegLib import store as store_module
-from WeakLiverSegLib.boxes import Box, boxes_from_mask, liver_box_from_mask
+from WeakLiverSegLib.data import store as store_module
+from WeakLiverSegLib.data.boxes import Box, boxes_from_mask, liver_box_from_mask
 from WeakLiverSegLib.errors import InputError
-from WeakLiverSegLib.imageio import write_image
-from WeakLiverSegLib.store import Dataset
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.data.imageio import write_image
+from WeakLiverSegLib.data.store import Dataset
+from WeakLiverSegLib.data.volume import Volume
 
 SHAPE = (6, 14, 16)  # (z, y, x): tiny, the tests are about bookkeeping
 DIRECTION = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # rotated in-plane

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from WeakLiverSegLib.errors import InputError
-from WeakLiverSegLib.evaluate import case_id, evaluate, format_table, parse_labels, write_metrics
-from WeakLiverSegLib.imageio import write_image, write_label_map
-from WeakLiverSegLib.metrics import LESION_KEYS, METRIC_KEYS, case_metrics, tumor_burden
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.evaluation.evaluate import case_id, evaluate, format_table, parse_labels, write_metrics
+from WeakLiverSegLib.data.imageio import write_image, write_label_map
+from WeakLiverSegLib.evaluation.metrics import LESION_KEYS, METRIC_KEYS, case_metrics, tumor_burden
+from WeakLiverSegLib.data.volume import Volume
 
 SPACING = (0.8, 0.8, 2.0)
 SUMMARY_KEYS = {"dice_per_case", "dice_global"} | set(METRIC_KEYS[1:])
@@ -90,7 +90,7 @@ def test_single_file_pair_id_is_the_stem_and_probabilities_add_auc(tmp_path):
 
 
 def test_truth_from_a_weak_label_store(folders, tmp_path):
-    store = pytest.importorskip("WeakLiverSegLib.store")
+    store = pytest.importorskip("WeakLiverSegLib.data.store")
     pred, truth, cases = folders
     dataset = store.Dataset.create(tmp_path / "ds", name="t")
     ct = _volume(np.zeros((12, 20, 20), np.int16))
@@ -163,7 +163,7 @@ def test_geometry_mismatch_and_unknown_labels(folders):
 
 
 def test_cli_evaluate(folders, tmp_path, capsys):
-    from WeakLiverSegLib.cli import main
+    from WeakLiverSegLib.app.cli import main
 
     pred, truth, _ = folders
     out = tmp_path / "m.json"

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from WeakLiverSegLib.metrics import (
+from WeakLiverSegLib.evaluation.metrics import (
     LESION_KEYS,
     METRIC_KEYS,
     GlobalSums,

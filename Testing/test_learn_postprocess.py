@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from WeakLiverSegLib.postprocess import fill_holes, largest_component, postprocess
+from WeakLiverSegLib.learn.postprocess import fill_holes, largest_component, postprocess
 
 
 def _liver(shape=(10, 20, 20)):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from WeakLiverSegLib.errors import Cancelled, InputError
-from WeakLiverSegLib.progress import Progress
-from WeakLiverSegLib.training import (Checkpointer, check_cancelled, lr_at, make_optimizer, scale_steps,
+from WeakLiverSegLib.app.progress import Progress
+from WeakLiverSegLib.learn.training import (Checkpointer, check_cancelled, lr_at, make_optimizer, scale_steps,
                                       select_device, soft_cross_entropy)
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared

@@ -8,16 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from WeakLiverSegLib import phantom
-from WeakLiverSegLib.boxes import box_mask, boxes_from_mask
+from WeakLiverSegLib.synth import phantom
+from WeakLiverSegLib.data.boxes import box_mask, boxes_from_mask
 from WeakLiverSegLib.errors import Cancelled, InputError
-from WeakLiverSegLib.imageio import read_image
-from WeakLiverSegLib.modelstore import load_model
-from WeakLiverSegLib.networks.fpn_classifier import FPNACoLClassifier, assign_levels, erase, normalise_map, roi_align
-from WeakLiverSegLib.progress import Progress
+from WeakLiverSegLib.data.imageio import read_image
+from WeakLiverSegLib.learn.modelstore import load_model
+from WeakLiverSegLib.recipes.acol.fpn_classifier import FPNACoLClassifier, assign_levels, erase, normalise_map, roi_align
+from WeakLiverSegLib.app.progress import Progress
 from WeakLiverSegLib.recipes import acol
-from WeakLiverSegLib.slices import lesion_boxes_for_slices
-from WeakLiverSegLib.store import Dataset
+from WeakLiverSegLib.learn.slices import lesion_boxes_for_slices
+from WeakLiverSegLib.data.store import Dataset
 
 TINY = {
     "spacing_mm": 1.5, "checkpoint_every": 1,

@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
-from WeakLiverSegLib import cli, phantom
-from WeakLiverSegLib.couinaud_map import construct_couinaud, segment_dice, segment_of_component
+from WeakLiverSegLib.app import cli
+from WeakLiverSegLib.synth import phantom
+from WeakLiverSegLib.anatomy.couinaud_map import construct_couinaud, segment_dice, segment_of_component
 from WeakLiverSegLib.errors import Cancelled, InputError
-from WeakLiverSegLib.imageio import read_image
-from WeakLiverSegLib.progress import Progress
+from WeakLiverSegLib.data.imageio import read_image
+from WeakLiverSegLib.app.progress import Progress
 from WeakLiverSegLib.recipes import couinaud
-from WeakLiverSegLib.slices import window
-from WeakLiverSegLib.store import Dataset
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.learn.slices import window
+from WeakLiverSegLib.data.store import Dataset
+from WeakLiverSegLib.data.volume import Volume
 
 
 @pytest.fixture(autouse=True, scope="module")

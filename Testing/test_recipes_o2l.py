@@ -7,16 +7,16 @@ import numpy as np
 import pytest
 import torch
 
-from WeakLiverSegLib.boxes import Box
+from WeakLiverSegLib.data.boxes import Box
 from WeakLiverSegLib.errors import Cancelled, InputError, ModelError
-from WeakLiverSegLib.modelstore import load_model, save_model
-from WeakLiverSegLib.networks.unet2d import BoxAttention, BoxAttentionUNet2D, ScaleAttention, fold_batchnorm
-from WeakLiverSegLib.progress import Progress
+from WeakLiverSegLib.learn.modelstore import load_model, save_model
+from WeakLiverSegLib.learn.networks.unet2d import BoxAttention, BoxAttentionUNet2D, ScaleAttention, fold_batchnorm
+from WeakLiverSegLib.app.progress import Progress
 from WeakLiverSegLib.recipes import o2l
-from WeakLiverSegLib.slices import (Sampler, box_maps, image_to_working, labels_to_working, lesion_boxes_for_slices,
+from WeakLiverSegLib.learn.slices import (Sampler, box_maps, image_to_working, labels_to_working, lesion_boxes_for_slices,
                                     loc_target, slice_groups, window, working_size)
-from WeakLiverSegLib.store import Dataset
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.data.store import Dataset
+from WeakLiverSegLib.data.volume import Volume
 
 torch.set_num_threads(1)  # tiny networks; the machine is shared
 
@@ -215,7 +215,7 @@ def test_sampler_batches_are_consistent():
     labels[1:5, 5:15, 4:18] = 1
     labels[2:4, 8:11, 8:11] = 2
     liver, tumors = o2l.mask_boxes(labels)
-    from WeakLiverSegLib.slices import PreparedCase
+    from WeakLiverSegLib.learn.slices import PreparedCase
     case = PreparedCase("c", rng.random((6, 20, 24)).astype(np.float32), labels_to_working(labels, (20, 24)),
                         box_maps(labels.shape, (20, 24), liver, tumors))
     sampler = Sampler([case], crop=16, batch_size=3, rng=rng, groups_per_crop=2)
@@ -254,7 +254,7 @@ def test_constrain_to_boxes_keeps_probabilities_normalised():
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch():
-    from WeakLiverSegLib.training import soft_cross_entropy
+    from WeakLiverSegLib.learn.training import soft_cross_entropy
 
     torch.manual_seed(0)
     x = torch.rand(4, 3, 32, 32)
@@ -312,7 +312,7 @@ def _phantom(rng, tumour=True, shape=(8, 32, 32)):
 
 @pytest.fixture(scope="module")
 def tiny_store(tmp_path_factory):
-    from WeakLiverSegLib.boxes import boxes_from_mask, liver_box_from_mask
+    from WeakLiverSegLib.data.boxes import boxes_from_mask, liver_box_from_mask
 
     root = tmp_path_factory.mktemp("store") / "ds"
     ds = Dataset.create(root, name="tiny")

@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from WeakLiverSegLib import cli
+from WeakLiverSegLib.app import cli
 from WeakLiverSegLib.errors import Cancelled, InputError, ModelError
-from WeakLiverSegLib.modelstore import load_model
-from WeakLiverSegLib.networks.vnet3d import MonaiVNet, ResVNet, VNet
-from WeakLiverSegLib.progress import Progress
+from WeakLiverSegLib.learn.modelstore import load_model
+from WeakLiverSegLib.learn.networks.vnet3d import MonaiVNet, ResVNet, VNet
+from WeakLiverSegLib.app.progress import Progress
 from WeakLiverSegLib.recipes import sdnet
-from WeakLiverSegLib.slices import window
-from WeakLiverSegLib.store import Dataset
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.learn.slices import window
+from WeakLiverSegLib.data.store import Dataset
+from WeakLiverSegLib.data.volume import Volume
 
 # Tiny networks and patches: every training below takes a second or two on one CPU core.
 TINY = {

@@ -16,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
-from WeakLiverSegLib import rl_boxes as R
-from WeakLiverSegLib import usse as U
+from WeakLiverSegLib.recipes.wsts import rl_boxes as R
+from WeakLiverSegLib.recipes.wsts import usse as U
 from WeakLiverSegLib.errors import InputError
 
 @pytest.fixture(autouse=True)
@@ -284,7 +284,7 @@ def test_tumour_outputs_start_at_the_prior():
 
 
 def test_ema_updates_the_target_model():
-    from WeakLiverSegLib.networks.dense_unet import DenseUNet2D
+    from WeakLiverSegLib.recipes.wsts.dense_unet import DenseUNet2D
 
     torch.manual_seed(0)
     net = DenseUNet2D(2, 1, stem=4, growth=4, layers=1, levels=2)
@@ -320,7 +320,7 @@ def _box_only_batch(rng, n=8, size=16):
 
 
 def _tumour_called_on_empty_slices(bce: float) -> float:
-    from WeakLiverSegLib.networks.dense_unet import DenseUNet2D
+    from WeakLiverSegLib.recipes.wsts.dense_unet import DenseUNet2D
     from WeakLiverSegLib.recipes import wsts
 
     torch.manual_seed(0)
@@ -356,7 +356,7 @@ def test_student_loss_does_not_learn_tumour_equals_box():
 
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
-    from WeakLiverSegLib import phantom
+    from WeakLiverSegLib.synth import phantom
 
     root = tmp_path_factory.mktemp("wsts") / "ds"
     return phantom.generate_cohort(root, cases=5, seed=3, shape=(24, 24, 6), spacing=(3.0, 3.0, 6.0), tumors=(1, 1),
@@ -378,7 +378,7 @@ def model_dir(cohort, tmp_path_factory):
 
 
 def test_model_reads_the_plain_phase_only(model_dir, cohort):
-    from WeakLiverSegLib.modelstore import load_model
+    from WeakLiverSegLib.learn.modelstore import load_model
     from WeakLiverSegLib.recipes import wsts
 
     meta = json.loads((model_dir / "model.json").read_text())
@@ -404,9 +404,9 @@ def test_model_reads_the_plain_phase_only(model_dir, cohort):
 
 
 def test_save_load_round_trip_and_cli_segment(model_dir, cohort, tmp_path):
-    from WeakLiverSegLib import cli
-    from WeakLiverSegLib.imageio import read_label_map, write_image
-    from WeakLiverSegLib.modelstore import load_model
+    from WeakLiverSegLib.app import cli
+    from WeakLiverSegLib.data.imageio import read_label_map, write_image
+    from WeakLiverSegLib.learn.modelstore import load_model
     from WeakLiverSegLib.recipes import wsts
 
     a, b = load_model(model_dir), load_model(model_dir)
@@ -461,7 +461,7 @@ def test_student_pseudo_targets_soft_or_hard():
 def test_model_of_another_recipe_version_is_refused(model_dir, tmp_path):
     import shutil
 
-    from WeakLiverSegLib.modelstore import load_model
+    from WeakLiverSegLib.learn.modelstore import load_model
     from WeakLiverSegLib.recipes import wsts
 
     old = tmp_path / "old"
@@ -470,7 +470,7 @@ def test_model_of_another_recipe_version_is_refused(model_dir, tmp_path):
     meta["recipe_version"] = 1
     (old / "model.json").write_text(json.dumps(meta))
     plain = np.zeros((4, 16, 16), np.int16)
-    from WeakLiverSegLib.volume import Volume
+    from WeakLiverSegLib.data.volume import Volume
 
     with pytest.raises(InputError, match="recipe_version 1.*retrain"):
         wsts.segment(load_model(old), {"plain": Volume(plain, (3.0, 3.0, 6.0))})
@@ -478,7 +478,7 @@ def test_model_of_another_recipe_version_is_refused(model_dir, tmp_path):
 
 def test_config_and_data_errors(cohort, tmp_path):
     from WeakLiverSegLib.recipes import wsts
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     with pytest.raises(InputError, match="detector.agnts"):
         wsts.resolve_config({"detector": {"agnts": 2}})
@@ -496,7 +496,7 @@ def test_config_and_data_errors(cohort, tmp_path):
 
 def test_cancel_then_resume_finishes_the_model(cohort, tmp_path):
     from WeakLiverSegLib.errors import Cancelled
-    from WeakLiverSegLib.progress import Progress
+    from WeakLiverSegLib.app.progress import Progress
     from WeakLiverSegLib.recipes import wsts
 
     class StopInUsse(Progress):

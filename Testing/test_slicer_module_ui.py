@@ -113,7 +113,7 @@ def test_widgets_have_the_slicer_and_qt_types_the_module_expects(ui):
 
 def test_parameter_bindings_match_the_parameter_node(ui):
     """Each SlicerParameterName names a field of the parameter node, and the combos offer its choices."""
-    from WeakLiverSegLib import slicer_logic
+    from WeakLiverSegLib.slicer import slicer_logic
 
     fields = parameter_fields()
     bound = {w.property("SlicerParameterName"): w for w in ui.findChildren(QtWidgets.QWidget)

@@ -9,11 +9,11 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from WeakLiverSegLib import phantom, preview
-from WeakLiverSegLib.boxes import Box, boxes_from_mask, liver_box_from_mask
+from WeakLiverSegLib.synth import phantom, preview
+from WeakLiverSegLib.data.boxes import Box, boxes_from_mask, liver_box_from_mask
 from WeakLiverSegLib.errors import InputError
-from WeakLiverSegLib.progress import Progress
-from WeakLiverSegLib.store import Dataset
+from WeakLiverSegLib.app.progress import Progress
+from WeakLiverSegLib.data.store import Dataset
 
 SMALL = dict(shape=(48, 48, 16), spacing=(3.0, 3.0, 6.0))
 ONE_EACH = {k: 1 / 6 for k in phantom.MIX_KEYS}   # six cases: one per mix group

@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .volume import Volume
+from ..errors import InputError
+from ..data.volume import Volume
 
 SEGMENTS = tuple(range(1, 9))
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SHARED = ROOT.parent / "shared" / "data"
 
 
@@ -36,7 +36,7 @@ def measure(argv, env=None) -> dict:
 
 
 def _cli(*args):
-    return [sys.executable, "-m", "WeakLiverSegLib.cli", *map(str, args)]
+    return [sys.executable, "-m", "WeakLiverSegLib", *map(str, args)]
 
 
 def _env(threads):
@@ -86,7 +86,7 @@ BENCHMARKS = {"phantom": bench_phantom, "segment_p17": bench_segment_p17, "evalu
 
 def run_benchmarks(out, which="all", device="cpu", progress=None, threads=2) -> dict:
     names = list(BENCHMARKS) if which == "all" else [w.strip() for w in which.split(",")]
-    from .errors import InputError
+    from ..errors import InputError
 
     for name in names:
         if name not in BENCHMARKS:

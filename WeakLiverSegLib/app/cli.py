@@ -13,8 +13,8 @@ import sys
 import traceback
 from pathlib import Path
 
-from . import __version__
-from .errors import Cancelled, InputError
+from .. import __version__
+from ..errors import Cancelled, InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,13 +132,13 @@ def _load_config(args) -> dict:
             raise InputError(f"{args.config}: not valid JSON ({exc})") from None
         if not isinstance(cfg, dict):
             raise InputError(f"{args.config}: expected a JSON object")
-    from .config import deep_update
+    from ..learn.config import deep_update
 
     return deep_update(cfg, parse_overrides(getattr(args, "set", [])))
 
 
 def cmd_phantom(args, progress):
-    from . import phantom
+    from ..synth import phantom
 
     kwargs = {k: v for k, v in {
         "shape": tuple(args.shape) if args.shape else None,
@@ -159,9 +159,9 @@ def cmd_phantom(args, progress):
 
 
 def cmd_train(args, progress):
-    from . import recipes
-    from .store import Dataset
-    from .training import select_device
+    from .. import recipes
+    from ..data.store import Dataset
+    from ..learn.training import select_device
 
     ds = Dataset.load(args.dataset)
     recipe = recipes.get(args.recipe)
@@ -181,10 +181,10 @@ def cmd_train(args, progress):
 
 
 def cmd_pseudo(args, progress):
-    from . import recipes
-    from .modelstore import load_model
-    from .store import Dataset
-    from .training import select_device
+    from .. import recipes
+    from ..learn.modelstore import load_model
+    from ..data.store import Dataset
+    from ..learn.training import select_device
 
     device = select_device(args.device)
     model = load_model(args.model, device=device)
@@ -211,7 +211,7 @@ def parse_inputs(items) -> dict:
 
 
 def read_boxes_json(path, reference) -> list:
-    from .boxes import Box
+    from ..data.boxes import Box
 
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -232,10 +232,10 @@ def read_boxes_json(path, reference) -> list:
 
 
 def cmd_segment(args, progress):
-    from . import recipes
-    from .imageio import check_finite, check_same_grid, read_image, write_image, write_label_map
-    from .modelstore import load_model
-    from .training import select_device
+    from .. import recipes
+    from ..data.imageio import check_finite, check_same_grid, read_image, write_image, write_label_map
+    from ..learn.modelstore import load_model
+    from ..learn.training import select_device
 
     device = select_device(args.device)
     model = load_model(args.model, device=device)
@@ -270,7 +270,7 @@ def cmd_segment(args, progress):
 
 
 def cmd_evaluate(args, progress):
-    from .evaluate import evaluate, format_table, parse_labels, write_metrics
+    from ..evaluation.evaluate import evaluate, format_table, parse_labels, write_metrics
 
     metrics = evaluate(args.pred, args.truth, labels=parse_labels(args.labels),
                        probabilities=args.probabilities, progress=progress)
@@ -284,7 +284,7 @@ def cmd_evaluate(args, progress):
 
 def cmd_demo(args, progress):
     from .demo import run_demo
-    from .training import select_device
+    from ..learn.training import select_device
 
     report = run_demo(args.out, device=select_device(args.device), cases=args.cases, steps=args.steps,
                       seed=args.seed, progress=progress)
@@ -295,7 +295,7 @@ def cmd_demo(args, progress):
 
 def cmd_bench(args, progress):
     from .bench import run_benchmarks
-    from .training import select_device
+    from ..learn.training import select_device
 
     result = run_benchmarks(args.out, which=args.which, device=select_device(args.device), progress=progress)
     if progress.mode != "jsonl":

@@ -17,12 +17,13 @@ GPU_DEFAULTS = {"cases": 60, "steps": None, "shape": (160, 160, 64), "spacing": 
 
 
 def run_demo(out, device="cpu", cases=None, steps=None, seed=0, progress=None, shape=None) -> Path:
-    from . import phantom, recipes
-    from .evaluate import evaluate, write_metrics
-    from .imageio import write_image, write_label_map
-    from .modelstore import load_model
+    from ..synth import phantom
+    from .. import recipes
+    from ..evaluation.evaluate import evaluate, write_metrics
+    from ..data.imageio import write_image, write_label_map
+    from ..learn.modelstore import load_model
     from .progress import Progress
-    from .report import curve_svg, figure, metrics_table, write_report
+    from ..evaluation.report import curve_svg, figure, metrics_table, write_report
 
     progress = progress or Progress("none")
     out = Path(out)
@@ -39,7 +40,7 @@ def run_demo(out, device="cpu", cases=None, steps=None, seed=0, progress=None, s
         extra["shape"] = tuple(shape)
     data_dir = out / "cohort"
     if (data_dir / "dataset.json").exists():
-        from .store import Dataset
+        from ..data.store import Dataset
 
         ds = Dataset.load(data_dir)
         progress.log(f"reusing the cohort in {data_dir}")
@@ -97,8 +98,8 @@ def run_demo(out, device="cpu", cases=None, steps=None, seed=0, progress=None, s
 def _case_figure(case_id, image, truth, pred):
     from PIL import Image
 
-    from .preview import overlay_slice
-    from .report import figure
+    from ..synth.preview import overlay_slice
+    from ..evaluation.report import figure
 
     tumour = (truth.array == 2).sum(axis=(1, 2)) if truth is not None else None
     if tumour is not None and tumour.max() > 0:

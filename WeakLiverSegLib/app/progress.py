@@ -79,7 +79,7 @@ class Progress:
         self._emit({"event": "error", "message": message})
 
     def check_cancelled(self):
-        from .errors import Cancelled
+        from ..errors import Cancelled
 
         if self.cancelled:
             raise Cancelled("cancelled by the user")

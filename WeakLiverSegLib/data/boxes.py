@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
+from ..errors import InputError
 from .volume import Volume
 
 BOX_LABELS = ("liver", "tumor")

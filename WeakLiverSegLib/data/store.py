@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 
 from .boxes import Box
-from .errors import InputError
+from ..errors import InputError
 from .imageio import check_finite, check_same_grid
 from .imageio import read_image as _read_image_file
 from .imageio import write_image as _write_image_file

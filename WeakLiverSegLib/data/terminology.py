@@ -12,9 +12,9 @@ import json
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 
-COLORS_FILE = Path(__file__).resolve().parent.parent / "Resources" / "WeakLiverSeg.colors.json"
+COLORS_FILE = Path(__file__).resolve().parents[2] / "Resources" / "WeakLiverSeg.colors.json"
 
 
 def segment_styles() -> dict:

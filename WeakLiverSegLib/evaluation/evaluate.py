@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
-from .imageio import read_image, read_label_map
+from ..errors import InputError
+from ..data.imageio import read_image, read_label_map
 from .metrics import DEFAULT_LABELS, GlobalSums, case_metrics, summarize
 
 EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -236,7 +236,7 @@ def _file_reader(path: Path):
 
 def _store_truths(root: Path, preds: dict) -> dict:
     """Truth readers from a weak-label store: each case's ``truth.mask``, else its ``mask``."""
-    from .store import Dataset
+    from ..data.store import Dataset
 
     dataset = Dataset.load(root)
     missing = sorted(set(preds) - set(dataset.cases))

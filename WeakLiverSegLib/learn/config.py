@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from .errors import InputError
+from ..errors import InputError
 
 
 def deep_update(base: dict, override: dict) -> dict:

@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelError
+from ..errors import ModelError
 
 FORMAT = "weakliverseg-model"
 VERSION = 1
@@ -95,7 +95,7 @@ def load_model(path, device="cpu", names=None) -> LoadedModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from . import recipes  # noqa: F401  (registers the network classes)
+    from .. import recipes  # noqa: F401  (registers the network classes)
 
     path = Path(path)
     meta = read_meta(path)

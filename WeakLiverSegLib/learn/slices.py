@@ -137,7 +137,7 @@ def loc_target(maps: np.ndarray) -> np.ndarray:
 
 def split_boxes(boxes) -> tuple:
     """A list of store boxes -> (liver box or None, [tumour boxes]); several liver boxes are merged."""
-    from .boxes import Box
+    from ..data.boxes import Box
 
     livers = [b for b in boxes if b.label == "liver"]
     tumors = [b for b in boxes if b.label != "liver"]

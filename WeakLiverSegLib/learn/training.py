@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
 from .modelstore import write_json_atomic
 
 CHECKPOINT_FORMAT = "weakliverseg-checkpoint"
@@ -74,7 +74,7 @@ def write_pseudo_store(dataset, out_dir, weak_ids, relabel, suffix: str = "pseud
     The target must be a new folder (never the source store); ``out_dir/pseudo/`` is there for the
     recipe's probability maps.  Returns ``out_dir``.
     """
-    from .store import Dataset
+    from ..data.store import Dataset
 
     out_dir = Path(out_dir)
     if out_dir.resolve() == Path(dataset.root).resolve():

@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .boxes import Box
-from .errors import InputError
-from .volume import Volume
+from ..data.boxes import Box
+from ..errors import InputError
+from ..data.volume import Volume
 
 _RAS_LPS = np.diag([-1.0, -1.0, 1.0])  # its own inverse
 
@@ -91,7 +91,7 @@ def inside_slicer_app() -> bool:
 
 
 def python_executable() -> str:
-    """The Python that runs ``WeakLiverSegLib.cli`` in a child process.
+    """The Python that runs ``python -m WeakLiverSegLib`` (the CLI) in a child process.
 
     Inside Slicer, ``sys.executable`` is the Slicer application itself; its standalone
     interpreter is ``PythonSlicer`` next to it (the same one ``slicer.util.pip_install`` uses).
@@ -343,7 +343,7 @@ def roi_from_box(box: Box, reference, roi=None, name: str | None = None, scene=N
 
 
 def _styles() -> dict:
-    from .terminology import segment_styles
+    from ..data.terminology import segment_styles
 
     return segment_styles()
 
@@ -367,7 +367,7 @@ def _get_terminology(segment) -> str:
 
 def _segment_kind(segment) -> str | None:
     """"liver" / "tumor" for a segment (terminology type code first, then its name)."""
-    from .terminology import style_for_segment
+    from ..data.terminology import style_for_segment
 
     terminology = {}
     fields = _get_terminology(segment).split("~")

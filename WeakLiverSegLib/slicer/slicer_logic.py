@@ -18,10 +18,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import InputError
+from ..errors import InputError
 from .runner import BackgroundRunner
 
-LIBRARY_ROOT = Path(__file__).resolve().parent.parent  # folder holding the WeakLiverSegLib package
+LIBRARY_ROOT = Path(__file__).resolve().parents[2]  # folder holding the WeakLiverSegLib package
 
 # Runtime needs of the library inside Slicer's Python: (import name, pip requirement).
 # torch comes from Slicer's PyTorch extension (PyTorchUtils), the rest from pip.
@@ -53,9 +53,9 @@ def missing_dependencies() -> list:
 
 
 def implemented_recipes() -> list:
-    """Recipes whose module file exists in this installation (found without importing torch)."""
-    folder = Path(__file__).resolve().parent / "recipes"
-    return [name for name in ONE_PHASE_RECIPES + TWO_PHASE_RECIPES if (folder / f"{name}.py").is_file()]
+    """Recipes whose package exists in this installation (found without importing torch)."""
+    folder = Path(__file__).resolve().parents[1] / "recipes"
+    return [name for name in ONE_PHASE_RECIPES + TWO_PHASE_RECIPES if (folder / name / "__init__.py").is_file()]
 
 
 def recipes_for(volumes) -> list:
@@ -196,7 +196,7 @@ class WeakLiverSegLogic:
     def new_box_roi(self, label: str, two_d: bool = False):
         """A new, empty ROI node tagged as a tumour / liver box (the widget then starts placement)."""
         from . import slicer_bridge as bridge
-        from .terminology import segment_styles
+        from ..data.terminology import segment_styles
 
         label = {"tumour": "tumor"}.get(label, label)
         existing = [r for r in bridge.box_rois(self.scene) if bridge.roi_label(r) == label]
@@ -260,7 +260,7 @@ class WeakLiverSegLogic:
 
     @staticmethod
     def case_exists(dataset_dir, case_id) -> bool:
-        from .store import DATASET_FILE, Dataset
+        from ..data.store import DATASET_FILE, Dataset
 
         if not dataset_dir or not (Path(dataset_dir) / DATASET_FILE).is_file():
             return False
@@ -269,7 +269,7 @@ class WeakLiverSegLogic:
     @staticmethod
     def next_case_id(dataset_dir, prefix: str = "case") -> str:
         """First free ``case000``-style id of a dataset folder (``case000`` for a new one)."""
-        from .store import DATASET_FILE, Dataset
+        from ..data.store import DATASET_FILE, Dataset
 
         taken = set()
         if dataset_dir and (Path(dataset_dir) / DATASET_FILE).is_file():
@@ -290,8 +290,8 @@ class WeakLiverSegLogic:
         existing case is never replaced unless ``overwrite``; a failed write leaves the store as it was.
         """
         from . import slicer_bridge as bridge
-        from .imageio import resample_to
-        from .store import DATASET_FILE, Dataset
+        from ..data.imageio import resample_to
+        from ..data.store import DATASET_FILE, Dataset
 
         if not dataset_dir:
             raise InputError("dataset folder: choose a folder first")
@@ -350,7 +350,7 @@ class WeakLiverSegLogic:
         return python_executable()
 
     def _cli(self) -> list:
-        return [self.python_executable(), "-m", "WeakLiverSegLib.cli"]
+        return [self.python_executable(), "-m", "WeakLiverSegLib"]
 
     def build_train_command(self, dataset, recipe, out, device="auto", init=None, resume=False, steps=None) -> list:
         """argv of ``weakliverseg train`` for the background process."""
@@ -432,7 +432,7 @@ class WeakLiverSegLogic:
 
     def segment_inputs(self, model, volumes: dict) -> dict:
         """Which selected volumes the model reads: ``{phase: node}`` (its inference phases)."""
-        from .modelstore import read_meta
+        from ..learn.modelstore import read_meta
 
         spec = read_meta(model).get("input", {}) or {}
         needed = list(spec.get("inference_phases") or spec.get("phases") or [])
@@ -453,7 +453,7 @@ class WeakLiverSegLogic:
         enhanced (or only) phase (the landmark constructor; about 10 s on a 512x512x130 CT).
         """
         from . import slicer_bridge as bridge
-        from .imageio import write_image
+        from ..data.imageio import write_image
 
         if not model:
             raise InputError("model folder: choose a trained model")
@@ -510,8 +510,8 @@ class WeakLiverSegLogic:
         import numpy as np
 
         from . import slicer_bridge as bridge
-        from .couinaud_map import construct_couinaud
-        from .imageio import resample_to
+        from ..anatomy.couinaud_map import construct_couinaud
+        from ..data.imageio import resample_to
 
         if image_node is None or not (np.asarray(labels.array) == 2).any():
             return None
@@ -533,7 +533,7 @@ class WeakLiverSegLogic:
         assigns each tumour its segment (else the table says "n/a").
         """
         from . import slicer_bridge as bridge
-        from .imageio import read_image, read_label_map, resample_to
+        from ..data.imageio import read_image, read_label_map, resample_to
 
         name = name or (reference_node.GetName() if reference_node is not None else "") or "Volume"
         labels = read_label_map(label_file)

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from .errors import InputError
-from .volume import Volume
+from ..errors import InputError
+from ..data.volume import Volume
 
 MIX_KEYS = ("strong", "box", "couinaud", "volume", "unlabelled", "test")
 DEFAULT_MIX = "strong=0.3,box=0.6,test=0.1"
@@ -116,8 +116,8 @@ def generate_cohort(out, cases=20, seed=0, shape=(96, 96, 48), spacing=(1.5, 1.5
     pathological cases get ``tumors`` = (min, max) tumours (at least 1).  Contrasts are tumour
     minus liver HU.  The same arguments give byte-identical files.
     """
-    from .boxes import boxes_from_mask, liver_box_from_mask
-    from .store import Dataset
+    from ..data.boxes import boxes_from_mask, liver_box_from_mask
+    from ..data.store import Dataset
 
     params = _check_params(cases, seed, shape, spacing, noise, tumors, tumor_radius_mm, plain_contrast,
                            enhanced_contrast, healthy_fraction)

@@ -72,18 +72,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import __version__
-from ..boxes import box_mask, boxes_from_mask
-from ..config import merge_config
-from ..errors import InputError
-from ..modelstore import load_model, save_model
-from ..networks.fpn_classifier import FPNACoLClassifier, pad_multiple
-from ..networks.unet2d import BoxAttentionUNet2D
-from ..slices import (HU_WINDOW, PreparedCase, Sampler, _axis_range, box_maps, cut_window, image_to_working,
+from ... import __version__
+from ...data.boxes import box_mask, boxes_from_mask
+from ...learn.config import merge_config
+from ...errors import InputError
+from ...learn.modelstore import load_model, save_model
+from .fpn_classifier import FPNACoLClassifier, pad_multiple
+from ...learn.networks.unet2d import BoxAttentionUNet2D
+from ...learn.slices import (HU_WINDOW, PreparedCase, Sampler, _axis_range, box_maps, cut_window, image_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
-from ..training import (SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, optimizer_step,
+from ...learn.training import (SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, optimizer_step,
                         scale_steps, set_lr, write_pseudo_store)
-from ..volume import Volume
+from ...data.volume import Volume
 
 NAME = "acol"
 RECIPE_VERSION = 1
@@ -815,7 +815,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     networks = {role: (type(net).__name__, kwargs[role], net.eval()) for role, net in nets.items()
                 if role != "classifier" or cfg["classifier"]["mode"] in MINING_MODES}
     if val:
-        from ..modelstore import LoadedModel
+        from ...learn.modelstore import LoadedModel
 
         meta["metrics"] = {"val": _validate(LoadedModel(out, meta, {r: n for r, n in nets.items()}), dataset, val, cfg,
                                             device)}
@@ -952,7 +952,7 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
     The mask holds 0 and 2 only (this teacher knows nothing of the liver); in-box background is
     recoverable as "inside a tumour box and 0".  ``pseudo/<id>_tumor_prob.nii.gz``: Q(tumour).
     """
-    from ..imageio import write_image
+    from ...data.imageio import write_image
 
     if not has_teacher(model):
         raise InputError(f"{model.path}: this model has no region-mining classifier, so it cannot make pseudo-masks")

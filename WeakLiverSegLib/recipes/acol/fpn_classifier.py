@@ -32,7 +32,7 @@ from monai.networks.blocks.feature_pyramid_network import FeaturePyramidNetwork
 from monai.networks.nets import resnet50
 from torch import nn
 
-from ..modelstore import register_network
+from ...learn.modelstore import register_network
 
 LEVELS = (2, 3, 4, 5)                 # P2..P5
 STRIDES = {2: 4, 3: 8, 4: 16, 5: 32}

@@ -54,20 +54,20 @@ import torch.nn.functional as F
 from scipy import ndimage
 from torch import nn
 
-from .. import __version__
-from ..config import merge_config
-from ..couinaud_map import DEFAULTS as CONSTRUCTOR_DEFAULTS
-from ..couinaud_map import construct_couinaud
-from ..errors import InputError
-from ..modelstore import LoadedModel, load_model, register_network, save_model
-from ..networks.unet2d import BoxAttentionUNet2D
-from ..postprocess import fill_holes, largest_component, postprocess
-from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, cut_window, labels_to_working, resize_slices,
+from ... import __version__
+from ...learn.config import merge_config
+from ...anatomy.couinaud_map import DEFAULTS as CONSTRUCTOR_DEFAULTS
+from ...anatomy.couinaud_map import construct_couinaud
+from ...errors import InputError
+from ...learn.modelstore import LoadedModel, load_model, register_network, save_model
+from ...learn.networks.unet2d import BoxAttentionUNet2D
+from ...learn.postprocess import fill_holes, largest_component, postprocess
+from ...learn.slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, cut_window, labels_to_working, resize_slices,
                       slice_groups, to_input_grid, window, working_size)
-from ..training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
+from ...learn.training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
                         optimizer_step, scale_steps, set_lr, soft_cross_entropy,
                         write_pseudo_store)
-from ..volume import Volume
+from ...data.volume import Volume
 
 NAME = "couinaud"
 RECIPE_VERSION = 1
@@ -481,7 +481,7 @@ def liver_from_softmax(probs: np.ndarray) -> np.ndarray:
 
 def liver_from_model(model: LoadedModel, image: Volume, size, device) -> np.ndarray:
     """Working-grid liver of one image from another project model (labels >= 1)."""
-    from . import get
+    from .. import get
 
     result = get(model.recipe).segment(model, {"image": image}, device=device)
     return labels_on_working((np.asarray(result.labels.array) >= 1).astype(np.uint8), size) >= 1

@@ -62,19 +62,19 @@ import torch
 import torch.nn.functional as F
 from monai.losses import DiceLoss
 
-from .. import __version__
-from ..boxes import boxes_from_mask, liver_box_from_mask
-from ..config import merge_config
-from ..errors import InputError
-from ..modelstore import LoadedModel, load_model, save_model
-from ..networks.unet2d import ATTENTION_VARIANTS, BoxAttentionUNet2D, fold_batchnorm
-from ..postprocess import postprocess
-from ..slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, box_maps, image_to_working, labels_to_working,
+from ... import __version__
+from ...data.boxes import boxes_from_mask, liver_box_from_mask
+from ...learn.config import merge_config
+from ...errors import InputError
+from ...learn.modelstore import LoadedModel, load_model, save_model
+from ...learn.networks.unet2d import ATTENTION_VARIANTS, BoxAttentionUNet2D, fold_batchnorm
+from ...learn.postprocess import postprocess
+from ...learn.slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, box_maps, image_to_working, labels_to_working,
                       lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
-from ..training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
+from ...learn.training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
                         optimizer_step, scale_steps, set_lr, soft_cross_entropy,
                         write_pseudo_store)
-from ..volume import Volume
+from ...data.volume import Volume
 
 NAME = "o2l"
 RECIPE_VERSION = 1
@@ -607,7 +607,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
 
 def _validate(model, dataset, val, cfg, device, progress) -> dict:
     """Student metrics (liver / tumour Dice, ...) on the val cases that have a mask."""
-    from ..metrics import GlobalSums, case_metrics, summarize
+    from ...evaluation.metrics import GlobalSums, case_metrics, summarize
 
     accum, per_case = GlobalSums(), {}
     for n, case in enumerate(val):
@@ -631,7 +631,7 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
     ``pseudo/<id>_tumor_prob.nii.gz`` and ``pseudo/<id>_liver_prob.nii.gz`` (liver incl. tumour),
     float32 teacher softmax on the case's grid.
     """
-    from ..imageio import write_image
+    from ...data.imageio import write_image
 
     if "teacher" not in model.networks:
         raise InputError(f"{model.path}: this model has no teacher network, so it cannot make pseudo-labels")

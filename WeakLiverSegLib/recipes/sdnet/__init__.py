@@ -57,16 +57,16 @@ import torch.nn.functional as F
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceLoss
 
-from .. import __version__
-from ..config import merge_config
-from ..errors import InputError, ModelError
-from ..imageio import resample_to
-from ..modelstore import LoadedModel, load_model, save_model
-from ..networks.vnet3d import build_network
-from ..postprocess import fill_holes, largest_component
-from ..slices import window
-from ..training import SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, set_lr
-from ..volume import Volume
+from ... import __version__
+from ...learn.config import merge_config
+from ...errors import InputError, ModelError
+from ...data.imageio import resample_to
+from ...learn.modelstore import LoadedModel, load_model, save_model
+from ...learn.networks.vnet3d import build_network
+from ...learn.postprocess import fill_holes, largest_component
+from ...learn.slices import window
+from ...learn.training import SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, set_lr
+from ...data.volume import Volume
 
 NAME = "sdnet"
 RECIPE_VERSION = 1
@@ -722,7 +722,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
 
 def validate(model, dataset, cases, cfg=None, device="cpu", progress=None) -> dict:
     """Liver metrics of ``model`` on store cases that have a mask: {"cases", "summary"}."""
-    from ..metrics import GlobalSums, case_metrics, summarize
+    from ...evaluation.metrics import GlobalSums, case_metrics, summarize
 
     cfg = cfg or {"phase": None}
     accum, per_case = GlobalSums(), {}

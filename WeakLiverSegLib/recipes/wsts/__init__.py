@@ -73,17 +73,17 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import __version__
-from ..boxes import boxes_from_mask
-from ..config import merge_config
-from ..errors import InputError
-from ..modelstore import LoadedModel, save_model
-from ..networks.dense_unet import DenseUNet2D, set_output_prior
-from ..postprocess import postprocess
-from ..rl_boxes import BoxEnv, DetectorTrainer, SACSettings, detect, iou, jitter_boxes
-from ..slices import image_to_working, labels_to_working, lesion_boxes_for_slices, resize_slices, slice_groups
-from ..training import SegmentResult, check_cancelled, open_run, scale_steps
-from ..usse import UNCERTAINTY_KINDS, MeanTeacher, add_noise, ramp_up, seg_loss, with_attention
+from ... import __version__
+from ...data.boxes import boxes_from_mask
+from ...learn.config import merge_config
+from ...errors import InputError
+from ...learn.modelstore import LoadedModel, save_model
+from .dense_unet import DenseUNet2D, set_output_prior
+from ...learn.postprocess import postprocess
+from .rl_boxes import BoxEnv, DetectorTrainer, SACSettings, detect, iou, jitter_boxes
+from ...learn.slices import image_to_working, labels_to_working, lesion_boxes_for_slices, resize_slices, slice_groups
+from ...learn.training import SegmentResult, check_cancelled, open_run, scale_steps
+from .usse import UNCERTAINTY_KINDS, MeanTeacher, add_noise, ramp_up, seg_loss, with_attention
 
 NAME = "wsts"
 RECIPE_VERSION = 2                 # 2: the agents see a wide view and a glimpse (4 state channels)
@@ -422,7 +422,7 @@ def detect_case(policies, case: WCase, phase: str, env: BoxEnv, device="cpu") ->
 
 def detection_iou(policies, cases, phase, env, device="cpu") -> dict:
     """Mean IoU / recall of the detection with the dominant tumour box over the cases' tumour slices."""
-    from ..rl_boxes import box_recall
+    from .rl_boxes import box_recall
 
     ious, recalls = [], []
     for case in cases:
@@ -800,7 +800,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
 
 
 def _validate(model, dataset, val, cfg, device, progress) -> dict:
-    from ..metrics import GlobalSums, case_metrics, summarize
+    from ...evaluation.metrics import GlobalSums, case_metrics, summarize
 
     accum, per_case = GlobalSums(), {}
     for n, case in enumerate(val):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Convolution
 from torch import nn
 
-from ..modelstore import register_network
+from ...learn.modelstore import register_network
 
 
 def _conv(cin: int, cout: int, kernel: int, dropout: float) -> Convolution:

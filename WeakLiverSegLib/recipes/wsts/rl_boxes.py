@@ -67,7 +67,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modelstore import register_network
+from ...learn.modelstore import register_network
 
 ACTION_DIM = 4
 STATE_CHANNELS = 4     # (slice, box map) in a wide view and in a glimpse, see ``render_states``

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from WeakLiverSegLib.errors import Cancelled, InputError
 from WeakLiverSegLib.app.progress import Progress
 from WeakLiverSegLib.learn.training import (Checkpointer, check_cancelled, lr_at, make_optimizer, scale_steps,
-                                      select_device, soft_cross_entropy)
+                                            select_device, soft_cross_entropy)
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared
 

@@ -14,7 +14,7 @@ from WeakLiverSegLib.learn.networks.unet2d import BoxAttention, BoxAttentionUNet
 from WeakLiverSegLib.app.progress import Progress
 from WeakLiverSegLib.recipes import o2l
 from WeakLiverSegLib.learn.slices import (Sampler, box_maps, image_to_working, labels_to_working, lesion_boxes_for_slices,
-                                    loc_target, slice_groups, window, working_size)
+                                          loc_target, slice_groups, window, working_size)
 from WeakLiverSegLib.data.store import Dataset
 from WeakLiverSegLib.data.volume import Volume
 

@@ -80,9 +80,9 @@ from ...learn.modelstore import load_model, save_model
 from .fpn_classifier import FPNACoLClassifier, pad_multiple
 from ...learn.networks.unet2d import BoxAttentionUNet2D
 from ...learn.slices import (HU_WINDOW, PreparedCase, Sampler, _axis_range, box_maps, cut_window, image_to_working,
-                      lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
+                             lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
 from ...learn.training import (SegmentResult, check_cancelled, make_optimizer, most_common_phase, open_run, optimizer_step,
-                        scale_steps, set_lr, write_pseudo_store)
+                               scale_steps, set_lr, write_pseudo_store)
 from ...data.volume import Volume
 
 NAME = "acol"

@@ -63,10 +63,10 @@ from ...learn.modelstore import LoadedModel, load_model, register_network, save_
 from ...learn.networks.unet2d import BoxAttentionUNet2D
 from ...learn.postprocess import fill_holes, largest_component, postprocess
 from ...learn.slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, cut_window, labels_to_working, resize_slices,
-                      slice_groups, to_input_grid, window, working_size)
+                             slice_groups, to_input_grid, window, working_size)
 from ...learn.training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
-                        optimizer_step, scale_steps, set_lr, soft_cross_entropy,
-                        write_pseudo_store)
+                               optimizer_step, scale_steps, set_lr, soft_cross_entropy,
+                               write_pseudo_store)
 from ...data.volume import Volume
 
 NAME = "couinaud"

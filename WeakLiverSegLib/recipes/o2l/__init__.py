@@ -70,10 +70,10 @@ from ...learn.modelstore import LoadedModel, load_model, save_model
 from ...learn.networks.unet2d import ATTENTION_VARIANTS, BoxAttentionUNet2D, fold_batchnorm
 from ...learn.postprocess import postprocess
 from ...learn.slices import (HU_WINDOW, N_CLASSES, PreparedCase, Sampler, box_maps, image_to_working, labels_to_working,
-                      lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
+                             lesion_boxes_for_slices, slice_groups, split_boxes, to_input_grid)
 from ...learn.training import (SegmentResult, check_cancelled, lr_at, make_optimizer, most_common_phase, open_run,
-                        optimizer_step, scale_steps, set_lr, soft_cross_entropy,
-                        write_pseudo_store)
+                               optimizer_step, scale_steps, set_lr, soft_cross_entropy,
+                               write_pseudo_store)
 from ...data.volume import Volume
 
 NAME = "o2l"

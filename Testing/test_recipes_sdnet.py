@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from WeakLiverSegLib.app import cli
+from WeakLiverSegLib.data.imageio import resample_to
 from WeakLiverSegLib.errors import Cancelled, InputError, ModelError
 from WeakLiverSegLib.learn.modelstore import load_model
 from WeakLiverSegLib.learn.networks.vnet3d import MonaiVNet, ResVNet, VNet
@@ -348,7 +349,7 @@ def test_working_grid_is_lps_aligned_whatever_the_input_direction():
     assert g1.shape_xyz == (10, 8, 12)                       # 40 x 32 x 48 mm field of view at 4 mm
     assert np.allclose(w1, w2, atol=1e-5)
     # the liver probability comes back onto each input's own grid
-    back = sdnet.resample_to(g1.with_array(sdnet.mask_to_working(labels, g1).astype(np.float32)), flipped, "linear")
+    back = resample_to(g1.with_array(sdnet.mask_to_working(labels, g1).astype(np.float32)), flipped, "linear")
     assert back.same_grid(flipped)
     agree = ((back.array >= 0.5) == (labels.array[:, ::-1, ::-1] >= 1)).mean()
     assert agree > 0.95

@@ -48,6 +48,7 @@ sys.path.insert(0, str(REPO))
 
 from WeakLiverSegLib.synth import phantom  # noqa: E402
 from WeakLiverSegLib.evaluation.metrics import binary_metrics  # noqa: E402
+from WeakLiverSegLib.learn.slices import slice_groups  # noqa: E402
 from WeakLiverSegLib.recipes.wsts.dense_unet import set_output_prior  # noqa: E402
 from WeakLiverSegLib.recipes import wsts  # noqa: E402
 from WeakLiverSegLib.recipes.wsts.usse import add_noise, seg_loss  # noqa: E402
@@ -283,7 +284,7 @@ class Runner:
         with torch.no_grad():
             for item in self.test:
                 img = item[0].images[cfg["student_phase"]]
-                x = torch.from_numpy(wsts.slice_groups(img, np.arange(img.shape[0]), cfg["context"])).to(self.dev)
+                x = torch.from_numpy(slice_groups(img, np.arange(img.shape[0]), cfg["context"])).to(self.dev)
                 p = torch.sigmoid(net(x).float()).cpu().numpy()
                 per.append(score(p[:, 1], p[:, 0], item, cfg))
         result = {"cases": per, "summary": summarize(per)}

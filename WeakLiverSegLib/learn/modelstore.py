@@ -3,10 +3,16 @@
 Loading never unpickles: weights are safetensors, everything else is JSON, and a network is
 rebuilt from a class name looked up in an explicit registry (never imported by name from the
 file), so a foreign or tampered folder cannot run code.
+
+The registry is filled lazily: ``NETWORK_MODULES`` names the module that defines each class, and
+loading a model imports only the modules of the classes it holds.  The shared networks
+(``learn/networks``) are listed here; ``recipes/__init__.py`` adds the classes that belong to
+one recipe (``register_network_module``), so importing that registry is enough to load any model.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -17,8 +23,16 @@ from ..errors import ModelError
 FORMAT = "weakliverseg-model"
 VERSION = 1
 
-# name -> callable(**kwargs) -> torch.nn.Module ; filled by the recipes' network modules.
+# name -> callable(**kwargs) -> torch.nn.Module ; a network module adds its classes when imported.
 NETWORKS: dict = {}
+
+# name -> the module defining it, imported on first use (see the module docstring).
+NETWORK_MODULES: dict = {
+    "BoxAttentionUNet2D": f"{__package__}.networks.unet2d",
+    "monai.VNet": f"{__package__}.networks.vnet3d",
+    "VNet": f"{__package__}.networks.vnet3d",
+    "ResVNet": f"{__package__}.networks.vnet3d",
+}
 
 
 def register_network(name: str):
@@ -29,6 +43,18 @@ def register_network(name: str):
         return cls
 
     return wrap
+
+
+def register_network_module(name: str, module: str) -> None:
+    """Say which module defines network class ``name`` (imported when a model needs it)."""
+    NETWORK_MODULES[name] = module
+
+
+def network_class(name: str):
+    """The registered class called ``name``, importing its module on first use; None if unknown."""
+    if name not in NETWORKS and name in NETWORK_MODULES:
+        importlib.import_module(NETWORK_MODULES[name])
+    return NETWORKS.get(name)
 
 
 @dataclass
@@ -56,7 +82,7 @@ def save_model(path, meta: dict, networks: dict) -> Path:
     meta.update(format=FORMAT, version=VERSION)
     meta["networks"] = {}
     for name, (cls_name, kwargs, module) in networks.items():
-        if cls_name not in NETWORKS:
+        if network_class(cls_name) is None:
             raise ValueError(f"network class {cls_name!r} is not registered")
         fname = f"{name}.safetensors"
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
@@ -95,8 +121,6 @@ def load_model(path, device="cpu", names=None) -> LoadedModel:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from .. import recipes  # noqa: F401  (registers the network classes)
-
     path = Path(path)
     meta = read_meta(path)
     model = LoadedModel(path, meta)
@@ -106,7 +130,7 @@ def load_model(path, device="cpu", names=None) -> LoadedModel:
         where = f"{path / 'model.json'} networks.{name}"
         if not isinstance(spec, dict) or not {"file", "class", "kwargs"} <= set(spec):
             raise ModelError(f"{where}: needs file, class and kwargs")
-        cls = NETWORKS.get(spec["class"])
+        cls = network_class(spec["class"])
         if cls is None:
             raise ModelError(f"{where}: unknown network class {spec['class']!r}")
         fname = Path(spec["file"])

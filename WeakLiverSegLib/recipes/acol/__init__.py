@@ -4,7 +4,7 @@ Fan et al., "Weakly Supervised Liver Tumor Segmentation Based on Anchor Box and 
 Complementary Learning" (../shared/papers/anchor_box_acol_region_mining.txt).  A second
 box-to-mask teacher that needs no pixel label at all (``o2l``'s teacher needs a strong set).
 
-1. Region-mining classifier (``networks/fpn_classifier.py``): ResNet-50 + FPN on three-slice
+1. Region-mining classifier (``fpn_classifier.py``): ResNet-50 + FPN on three-slice
    crops around the tumour boxes; positives = the tumour boxes of the store (2D per-slice boxes
    preferred, 3D boxes on every slice they cover), negatives = FPN anchors (areas 32^2..256^2,
    ratios 1:1, 1:2, 2:1, one set per level P2..P5) that do not overlap any box, the 10 % nearest

@@ -3,7 +3,7 @@
 Huang et al., "SD-Net: a semi-supervised double-cooperative network for liver segmentation from
 computed tomography (CT) images" (../shared/papers/sdnet_double_cooperative_semi_supervised_liver.txt).
 
-Two 3D networks, a VNet and a residual VNet (``networks/vnet3d.py``), see the same batch: half
+Two 3D networks, a VNet and a residual VNet (``learn/networks/vnet3d.py``), see the same batch: half
 labelled patches (cases with a mask, split train) and half unlabelled (split-train cases without
 a mask) (Eq. 1-2).  Per step:
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.data.volume import Volume
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

@@ -16,15 +16,15 @@ import numpy as np
 import pytest
 
 from conftest import rotation_matrix
-from WeakLiverSegLib.boxes import Box
+from WeakLiverSegLib.data.boxes import Box
 from WeakLiverSegLib.errors import InputError
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.data.volume import Volume
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
 
-from WeakLiverSegLib import slicer_bridge as bridge  # noqa: E402
-from WeakLiverSegLib import slicer_logic  # noqa: E402
-from WeakLiverSegLib.slicer_logic import WeakLiverSegLogic  # noqa: E402
+from WeakLiverSegLib.slicer import slicer_bridge as bridge  # noqa: E402
+from WeakLiverSegLib.slicer import slicer_logic  # noqa: E402
+from WeakLiverSegLib.slicer.slicer_logic import WeakLiverSegLogic  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RAS_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -205,7 +205,7 @@ def test_2d_flag_keeps_the_centre_slice_and_bad_rois_are_named(scene):
 
 
 def test_label_map_becomes_liver_and_tumour_segments_voxel_for_voxel(scene):
-    from WeakLiverSegLib.terminology import segment_styles
+    from WeakLiverSegLib.data.terminology import segment_styles
 
     volume = ct_volume()
     node = bridge.volume_to_node(volume, "ct")
@@ -324,7 +324,7 @@ def _annotated_scene(scene, plain_on_other_grid=True):
 
 
 def test_add_case_writes_a_store_that_loads_and_validates(scene, tmp_path):
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     volume, enhanced, plain, labels, seg, rois = _annotated_scene(scene)
     logic = WeakLiverSegLogic(scene)
@@ -377,7 +377,7 @@ def test_add_case_refuses_bad_input_with_one_clear_message(scene, tmp_path):
 
 
 def test_load_segment_result_makes_segments_table_and_probability(scene, tmp_path):
-    from WeakLiverSegLib.imageio import write_image, write_label_map
+    from WeakLiverSegLib.data.imageio import write_image, write_label_map
 
     volume = ct_volume()
     node = bridge.volume_to_node(volume, "patient")
@@ -398,7 +398,7 @@ def test_load_segment_result_makes_segments_table_and_probability(scene, tmp_pat
 
 def _cli_available() -> bool:
     lib = REPO_ROOT / "WeakLiverSegLib"
-    return (lib / "cli.py").is_file() and (lib / "recipes" / "o2l.py").is_file()
+    return (lib / "app" / "cli.py").is_file() and (lib / "recipes" / "o2l" / "__init__.py").is_file()
 
 
 @pytest.mark.slow
@@ -411,7 +411,7 @@ def test_training_cli_reads_the_store_written_by_add_case(scene, tmp_path):
     logic.add_case_to_dataset(store, "case000", {"ct": enhanced}, segmentation=seg)
     logic.add_case_to_dataset(store, "case001", {"ct": enhanced}, segmentation=None)  # boxes only
     model = tmp_path / "model"
-    argv = [sys.executable, "-m", "WeakLiverSegLib.cli", "train", "--dataset", str(store), "--recipe", "o2l",
+    argv = [sys.executable, "-m", "WeakLiverSegLib", "train", "--dataset", str(store), "--recipe", "o2l",
             "--out", str(model), "--steps", "2", "--progress", "jsonl", "--device", "cpu"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
     result = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=240)
@@ -448,8 +448,8 @@ def test_couinaud_lookup_names_the_segment_holding_most_of_each_tumour(scene, mo
     assert [r["couinaud"] for r in bridge.measure_tumours(labels, couinaud_of=outside)] == [None, None]
 
     # The logic wires the constructor in (here a stand-in map) when asked for it.
-    import WeakLiverSegLib.couinaud_map as couinaud_map
-    from WeakLiverSegLib.imageio import write_label_map
+    import WeakLiverSegLib.anatomy.couinaud_map as couinaud_map
+    from WeakLiverSegLib.data.imageio import write_label_map
 
     monkeypatch.setattr(couinaud_map, "construct_couinaud",
                         lambda image, liver, where="": image.with_array(couinaud))
@@ -465,7 +465,7 @@ def test_couinaud_lookup_names_the_segment_holding_most_of_each_tumour(scene, mo
 
 @pytest.mark.realdata
 def test_real_ct_and_expert_mask_round_trip_through_the_scene(scene, shared_data):
-    from WeakLiverSegLib.imageio import read_image, read_label_map
+    from WeakLiverSegLib.data.imageio import read_image, read_label_map
 
     folder = shared_data / "ircadb" / "p01"
     ct, truth = read_image(folder / "ct.nii.gz"), read_label_map(folder / "label.nii.gz")

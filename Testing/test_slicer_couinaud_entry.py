@@ -21,12 +21,12 @@ from WeakLiverSegLib.errors import InputError
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
 
-from WeakLiverSegLib import phantom  # noqa: E402
-from WeakLiverSegLib import slicer_bridge as bridge  # noqa: E402
-from WeakLiverSegLib import slicer_logic  # noqa: E402
-from WeakLiverSegLib.runner import BackgroundRunner  # noqa: E402
-from WeakLiverSegLib.slicer_logic import WeakLiverSegLogic  # noqa: E402
-from WeakLiverSegLib.store import Dataset  # noqa: E402
+from WeakLiverSegLib.synth import phantom  # noqa: E402
+from WeakLiverSegLib.slicer import slicer_bridge as bridge  # noqa: E402
+from WeakLiverSegLib.slicer import slicer_logic  # noqa: E402
+from WeakLiverSegLib.slicer.runner import BackgroundRunner  # noqa: E402
+from WeakLiverSegLib.slicer.slicer_logic import WeakLiverSegLogic  # noqa: E402
+from WeakLiverSegLib.data.store import Dataset  # noqa: E402
 
 # What the annotator enters: (tick the segments holding the tumour?, volume-label combo, Segment
 # Editor mask?).  Tumour cases take the roles in order, healthy cases likewise.  A healthy entry
@@ -96,7 +96,7 @@ def annotate(logic, archive, entry, store: Path) -> dict:
 
 @pytest.mark.slow
 def test_couinaud_entry_store_trains_the_couinaud_recipe(scene, archive, tmp_path):
-    from WeakLiverSegLib.modelstore import load_model
+    from WeakLiverSegLib.learn.modelstore import load_model
 
     source, entry = archive
     logic = WeakLiverSegLogic(scene)

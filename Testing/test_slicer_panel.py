@@ -22,17 +22,17 @@ import numpy as np
 import pytest
 
 from conftest import rotation_matrix
-from WeakLiverSegLib.boxes import Box
+from WeakLiverSegLib.data.boxes import Box
 from WeakLiverSegLib.errors import InputError
-from WeakLiverSegLib.volume import Volume
+from WeakLiverSegLib.data.volume import Volume
 
 slicer = pytest.importorskip("slicer", reason="slicer-core (the MRML wheel) is not installed")
 vtk = pytest.importorskip("vtk")
 
-from WeakLiverSegLib import slicer_bridge as bridge  # noqa: E402
-from WeakLiverSegLib import slicer_logic  # noqa: E402
-from WeakLiverSegLib.runner import BackgroundRunner  # noqa: E402
-from WeakLiverSegLib.slicer_logic import WeakLiverSegLogic  # noqa: E402
+from WeakLiverSegLib.slicer import slicer_bridge as bridge  # noqa: E402
+from WeakLiverSegLib.slicer import slicer_logic  # noqa: E402
+from WeakLiverSegLib.slicer.runner import BackgroundRunner  # noqa: E402
+from WeakLiverSegLib.slicer.slicer_logic import WeakLiverSegLogic  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -74,7 +74,7 @@ def test_two_clicks_are_opposite_corners_of_the_box_as_slicer_places_it(scene):
     # The flat axis (both clicks on one axial slice) is padded by Slicer to the shorter in-plane side.
     assert np.allclose(roi.GetSize(), (30.0, 10.0, 10.0))
     for source in (REPO_ROOT / "WeakLiverSeg" / "WeakLiverSeg.py", REPO_ROOT / "WeakLiverSeg" / "Resources" / "UI" / "WeakLiverSeg.ui",
-                   REPO_ROOT / "WeakLiverSegLib" / "slicer_bridge.py", REPO_ROOT / "README.md"):
+                   REPO_ROOT / "WeakLiverSegLib" / "slicer" / "slicer_bridge.py", REPO_ROOT / "README.md"):
         text = source.read_text(encoding="utf-8")
         assert "centre, then" not in text and "center, then" not in text, source
         assert "opposite corner" in text, source
@@ -252,9 +252,9 @@ def test_annotation_needs_only_the_light_packages(tmp_path):
         real_find_spec = importlib.util.find_spec
         importlib.util.find_spec = lambda name, *a: None if name.split(".")[0] in BLOCKED else real_find_spec(name, *a)
         import numpy as np, slicer
-        from WeakLiverSegLib import slicer_bridge as bridge, slicer_logic
-        from WeakLiverSegLib.volume import Volume
-        from WeakLiverSegLib.store import Dataset
+        from WeakLiverSegLib.slicer import slicer_bridge as bridge, slicer_logic
+        from WeakLiverSegLib.data.volume import Volume
+        from WeakLiverSegLib.data.store import Dataset
         scene = slicer.vtkMRMLScene()
         seg_logic = slicer.vtkSlicerSegmentationsModuleLogic(); seg_logic.SetMRMLScene(scene)
         slicer.mrmlScene = scene
@@ -267,7 +267,7 @@ def test_annotation_needs_only_the_light_packages(tmp_path):
         labels = volume.with_array(np.zeros((8, 20, 24), np.uint8)); labels.array[1:7, 3:17, 4:20] = 1; labels.array[2:5, 6:10, 6:10] = 2
         seg = bridge.labelmap_to_segmentation(labels, node)
         roi = logic.new_box_roi("tumor")
-        from WeakLiverSegLib.boxes import Box
+        from WeakLiverSegLib.data.boxes import Box
         bridge.roi_from_box(Box("tumor", (6, 6, 2), (9, 9, 4)), node, roi=roi)
         print(logic.describe_box(roi, node))
         logic.add_case_to_dataset(r"{tmp_path / 'store'}", "case000", {{"ct": node}}, segmentation=seg, volume_label="tumour")
@@ -320,7 +320,7 @@ def test_pip_runs_as_a_background_job(tmp_path, monkeypatch):
 
 
 def test_add_case_writes_the_store_in_a_background_process(scene, tmp_path):
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     enhanced_volume = ct(shape_zyx=(10, 24, 28))
     enhanced = bridge.volume_to_node(enhanced_volume, "enhanced")
@@ -330,7 +330,7 @@ def test_add_case_writes_the_store_in_a_background_process(scene, tmp_path):
     logic = WeakLiverSegLogic(scene)
     volumes = logic.phases_from_nodes(enhanced, plain)
     runner = logic.start_add_case(tmp_path / "store", "case003", volumes, couinaud=[6], volume_label="tumour")
-    assert runner.argv[1:4] == ["-m", "WeakLiverSegLib.slicer_logic", "add-case"]
+    assert runner.argv[1:4] == ["-m", "WeakLiverSegLib.slicer.slicer_logic", "add-case"]
     assert logic.busy and logic.job_kind == "add-case"
     workdir = logic._job_workdir
     outcome = logic.wait_for_job(120)
@@ -357,7 +357,7 @@ def test_add_case_writes_the_store_in_a_background_process(scene, tmp_path):
 def test_tumour_table_and_couinaud_estimate_come_from_the_background_step(scene, tmp_path, monkeypatch):
     """``job_main segment`` runs the CLI, then measures the tumours and estimates Couinaud segments;
     loading then only imports into MRML (no measuring in the GUI thread)."""
-    from WeakLiverSegLib.imageio import write_image, write_label_map
+    from WeakLiverSegLib.data.imageio import write_image, write_label_map
 
     volume = ct(shape_zyx=(10, 24, 28))
     labels = volume.with_array(np.zeros(volume.array.shape, np.uint8))
@@ -368,7 +368,8 @@ def test_tumour_table_and_couinaud_estimate_come_from_the_background_step(scene,
     write_image(volume, tmp_path / "ct.nii", compress=False)
     # The CLI part is replaced by a stand-in that "writes" the labels (the real one is covered by
     # test_slicer_bridge.py's training test); the Couinaud constructor by a fixed map.
-    from WeakLiverSegLib import cli, couinaud_map
+    from WeakLiverSegLib.app import cli
+    from WeakLiverSegLib.anatomy import couinaud_map
 
     monkeypatch.setattr(cli, "main", lambda argv: 0)
     couinaud = np.where(labels.array >= 1, 7, 0).astype(np.uint8)
@@ -402,7 +403,7 @@ def test_segment_jobs_run_through_the_background_step(scene, tmp_path):
     logic.cancel()
     runner.wait(30)
     logic.finish_job()
-    assert argv[1:4] == ["-m", "WeakLiverSegLib.slicer_logic", "segment"]
+    assert argv[1:4] == ["-m", "WeakLiverSegLib.slicer.slicer_logic", "segment"]
     assert "--measure" in argv and "--couinaud-image" in argv
     cli = argv[argv.index("--") + 1:]
     assert cli[:3] == ["segment", "--model", str(model)] and cli[-2:] == ["--progress", "jsonl"]

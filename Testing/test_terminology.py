@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from WeakLiverSegLib.terminology import COLORS_FILE, segment_styles
+from WeakLiverSegLib.data.terminology import COLORS_FILE, segment_styles
 
 EXTRACT = Path(__file__).resolve().parent / "data" / "slicer_terminology_extract.json"
 

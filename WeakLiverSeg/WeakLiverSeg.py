@@ -1,7 +1,7 @@
 """WeakLiverSeg: weakly-supervised liver and liver-tumour segmentation in 3D Slicer.
 
 This file is the Slicer glue only: the module description, a thin widget that forwards
-every click to ``WeakLiverSegLib.slicer_logic.WeakLiverSegLogic``, the parameter node and the
+every click to ``WeakLiverSegLib.slicer.slicer_logic.WeakLiverSegLogic``, the parameter node and the
 self-test.  All behaviour (stores, boxes, commands, result loading) lives in the library.
 """
 
@@ -37,7 +37,7 @@ def _addLibraryToPath():
 
 _addLibraryToPath()
 
-from WeakLiverSegLib import slicer_logic  # noqa: E402  (standard library only: safe before the dependency check)
+from WeakLiverSegLib.slicer import slicer_logic  # noqa: E402  (standard library only: safe before the dependency check)
 
 COUINAUD = range(1, 9)
 
@@ -568,7 +568,7 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
 
     def test_end_to_end_tiny_case(self):
         """Phantom case -> Add case (background) -> train o2l 2 steps (background) -> Segment -> segments + table."""
-        from WeakLiverSegLib import slicer_bridge
+        from WeakLiverSegLib.slicer import slicer_bridge
 
         logic = WeakLiverSegLogic()
         with tempfile.TemporaryDirectory() as folder:
@@ -583,7 +583,7 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
     def _volume(self, labels=False):
         import numpy as np
 
-        from WeakLiverSegLib.volume import Volume
+        from WeakLiverSegLib.data.volume import Volume
 
         angle = np.radians(25.0)
         direction = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
@@ -599,7 +599,7 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
     def test_volume_round_trip(self):
         import numpy as np
 
-        from WeakLiverSegLib import slicer_bridge
+        from WeakLiverSegLib.slicer import slicer_bridge
 
         volume = self._volume()
         node = slicer_bridge.volume_to_node(volume, "WeakLiverSeg test volume")
@@ -610,8 +610,8 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
     def test_box_round_trip(self):
         import numpy as np
 
-        from WeakLiverSegLib import slicer_bridge
-        from WeakLiverSegLib.boxes import Box
+        from WeakLiverSegLib.slicer import slicer_bridge
+        from WeakLiverSegLib.data.boxes import Box
 
         node = slicer_bridge.volume_to_node(self._volume(), "reference")
         for box in (Box("tumor", (3, 4, 2), (9, 11, 5)), Box("tumor", (5, 6, 3), (8, 9, 3)), Box("liver", (0, 0, 0), (23, 19, 7))):
@@ -625,7 +625,7 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
     def test_segmentation_round_trip(self):
         import numpy as np
 
-        from WeakLiverSegLib import slicer_bridge
+        from WeakLiverSegLib.slicer import slicer_bridge
 
         labels = self._volume(labels=True)
         node = slicer_bridge.volume_to_node(self._volume(), "reference")
@@ -637,7 +637,7 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
         self.assertTrue(np.array_equal(mask.array, labels.array))
 
     def test_tumour_table(self):
-        from WeakLiverSegLib import slicer_bridge
+        from WeakLiverSegLib.slicer import slicer_bridge
 
         labels = self._volume(labels=True)
         table = slicer_bridge.tumour_table(labels)
@@ -649,9 +649,9 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
     def test_add_case(self):
         import numpy as np
 
-        from WeakLiverSegLib import slicer_bridge
-        from WeakLiverSegLib.boxes import Box
-        from WeakLiverSegLib.store import Dataset
+        from WeakLiverSegLib.slicer import slicer_bridge
+        from WeakLiverSegLib.data.boxes import Box
+        from WeakLiverSegLib.data.store import Dataset
 
         logic = WeakLiverSegLogic()
         node = slicer_bridge.volume_to_node(self._volume(), "reference")

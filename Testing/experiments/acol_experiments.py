@@ -40,15 +40,15 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from WeakLiverSegLib import phantom  # noqa: E402
-from WeakLiverSegLib.boxes import box_mask, boxes_from_mask  # noqa: E402
-from WeakLiverSegLib.config import deep_update  # noqa: E402
-from WeakLiverSegLib.imageio import read_image  # noqa: E402
-from WeakLiverSegLib.modelstore import load_model  # noqa: E402
-from WeakLiverSegLib.progress import Progress  # noqa: E402
+from WeakLiverSegLib.synth import phantom  # noqa: E402
+from WeakLiverSegLib.data.boxes import box_mask, boxes_from_mask  # noqa: E402
+from WeakLiverSegLib.learn.config import deep_update  # noqa: E402
+from WeakLiverSegLib.data.imageio import read_image  # noqa: E402
+from WeakLiverSegLib.learn.modelstore import load_model  # noqa: E402
+from WeakLiverSegLib.app.progress import Progress  # noqa: E402
 from WeakLiverSegLib.recipes import acol  # noqa: E402
-from WeakLiverSegLib.slices import lesion_boxes_for_slices  # noqa: E402
-from WeakLiverSegLib.store import Dataset  # noqa: E402
+from WeakLiverSegLib.learn.slices import lesion_boxes_for_slices  # noqa: E402
+from WeakLiverSegLib.data.store import Dataset  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 

@@ -31,13 +31,13 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from WeakLiverSegLib import phantom  # noqa: E402
-from WeakLiverSegLib.config import deep_update  # noqa: E402
-from WeakLiverSegLib.couinaud_map import SEGMENTS, construct_couinaud, segment_dice  # noqa: E402
-from WeakLiverSegLib.modelstore import LoadedModel  # noqa: E402
-from WeakLiverSegLib.networks.unet2d import BoxAttentionUNet2D  # noqa: E402
+from WeakLiverSegLib.synth import phantom  # noqa: E402
+from WeakLiverSegLib.learn.config import deep_update  # noqa: E402
+from WeakLiverSegLib.anatomy.couinaud_map import SEGMENTS, construct_couinaud, segment_dice  # noqa: E402
+from WeakLiverSegLib.learn.modelstore import LoadedModel  # noqa: E402
+from WeakLiverSegLib.learn.networks.unet2d import BoxAttentionUNet2D  # noqa: E402
 from WeakLiverSegLib.recipes import couinaud  # noqa: E402
-from WeakLiverSegLib.training import make_optimizer  # noqa: E402
+from WeakLiverSegLib.learn.training import make_optimizer  # noqa: E402
 
 
 def log(msg):
@@ -93,7 +93,7 @@ def real_ct_figure(out_png: Path) -> dict | None:
     """Qualitative Couinaud map of ircadb/p01 (development data) with its expert liver mask."""
     from PIL import Image
 
-    from WeakLiverSegLib.imageio import read_image
+    from WeakLiverSegLib.data.imageio import read_image
 
     folder = REPO.parent / "shared" / "data" / "ircadb" / "p01"
     if not folder.is_dir():
@@ -125,7 +125,7 @@ def real_ct_figure(out_png: Path) -> dict | None:
 
 
 def _cohort(folder: Path, **kwargs):
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     if (folder / "dataset.json").exists():
         return Dataset.load(folder)

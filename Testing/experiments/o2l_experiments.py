@@ -45,8 +45,8 @@ RUNS = {
 
 def perturbed_copy(ds, out, seed):
     """Copy ``ds`` to ``out`` with every weak case's liver box and tumour boxes perturbed."""
-    from WeakLiverSegLib.boxes import perturb_box
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.boxes import perturb_box
+    from WeakLiverSegLib.data.store import Dataset
 
     rng = np.random.default_rng(seed)
     target = Dataset.create(out, name="perturbed", exist_ok=False)
@@ -64,8 +64,8 @@ def perturbed_copy(ds, out, seed):
 
 
 def make_cohorts(root: Path, seed: int, cases: int, test_cases: int, shape):
-    from WeakLiverSegLib import phantom
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.synth import phantom
+    from WeakLiverSegLib.data.store import Dataset
 
     extra = {"shape": tuple(shape)} if shape else {}
     main = root / f"seed{seed}" / "cohort"
@@ -82,7 +82,7 @@ def make_cohorts(root: Path, seed: int, cases: int, test_cases: int, shape):
 
 def score(model, ds, ids, teacher: bool, device, boxes_from=None):
     """Liver / tumour Dice (global, per case) of teacher pseudo-labels or student segmentations."""
-    from WeakLiverSegLib.metrics import GlobalSums, case_metrics, summarize
+    from WeakLiverSegLib.evaluation.metrics import GlobalSums, case_metrics, summarize
     from WeakLiverSegLib.recipes import o2l
 
     acc, per = GlobalSums(), {}
@@ -102,11 +102,11 @@ def one_run(args):
     import torch
 
     torch.set_num_threads(threads)
-    from WeakLiverSegLib.modelstore import load_model
-    from WeakLiverSegLib.progress import Progress
-    from WeakLiverSegLib.config import deep_update
+    from WeakLiverSegLib.learn.modelstore import load_model
+    from WeakLiverSegLib.app.progress import Progress
+    from WeakLiverSegLib.learn.config import deep_update
     from WeakLiverSegLib.recipes import o2l
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     main, test, pert = (Dataset.load(p) for p in cohorts)
     train_ds = pert if name == "perturbed_boxes" else main
@@ -127,7 +127,7 @@ def one_run(args):
             result["teacher_pseudo_perturbed_boxes_at_inference"] = score(model, main, weak, True, device,
                                                                           boxes_from=pert)
     # held-out: the cohort's test split and the extra cohort, pooled
-    from WeakLiverSegLib.metrics import GlobalSums, case_metrics, summarize
+    from WeakLiverSegLib.evaluation.metrics import GlobalSums, case_metrics, summarize
 
     acc, per = GlobalSums(), {}
     for ds, ids in ((main, held), (test, list(test.cases))):
@@ -239,7 +239,7 @@ def main():
         return render(a.render, a.md, "o2l: Tables I-II and box perturbation on synthetic cohorts")
     if not a.out:
         ap.error("--out is required")
-    from WeakLiverSegLib.cli import parse_overrides
+    from WeakLiverSegLib.app.cli import parse_overrides
 
     config = parse_overrides(a.set)
     out = Path(a.out)

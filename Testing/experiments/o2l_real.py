@@ -34,7 +34,7 @@ def dice(a, b) -> float:
 
 def slab(volume, z0: int, z1: int):
     """Slices z0..z1-1 of a Volume as a Volume with the matching world origin."""
-    from WeakLiverSegLib.volume import Volume
+    from WeakLiverSegLib.data.volume import Volume
 
     origin = volume.index_to_world((0, 0, z0))
     return Volume(volume.array[z0:z1].copy(), volume.spacing, tuple(origin), volume.direction)
@@ -42,10 +42,10 @@ def slab(volume, z0: int, z1: int):
 
 def build_split_store(out: Path, patient: str, synthetic, seed, split_z: int):
     """Development store from one patient: the slices below ``split_z`` strong (mask), the rest weak."""
-    from WeakLiverSegLib import phantom
-    from WeakLiverSegLib.boxes import boxes_from_mask, liver_box_from_mask
-    from WeakLiverSegLib.imageio import read_image, read_label_map
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.synth import phantom
+    from WeakLiverSegLib.data.boxes import boxes_from_mask, liver_box_from_mask
+    from WeakLiverSegLib.data.imageio import read_image, read_label_map
+    from WeakLiverSegLib.data.store import Dataset
 
     if synthetic:
         phantom.generate_cohort(out, cases=synthetic, seed=seed, mix="strong=1.0")
@@ -63,10 +63,10 @@ def build_split_store(out: Path, patient: str, synthetic, seed, split_z: int):
 
 
 def build_store(out: Path, strong, target, synthetic, seed):
-    from WeakLiverSegLib import phantom
-    from WeakLiverSegLib.boxes import boxes_from_mask, liver_box_from_mask
-    from WeakLiverSegLib.imageio import read_image, read_label_map
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.synth import phantom
+    from WeakLiverSegLib.data.boxes import boxes_from_mask, liver_box_from_mask
+    from WeakLiverSegLib.data.imageio import read_image, read_label_map
+    from WeakLiverSegLib.data.store import Dataset
 
     if synthetic:
         phantom.generate_cohort(out, cases=synthetic, seed=seed, mix="strong=1.0")
@@ -95,15 +95,15 @@ def main():
                     help="development mode: slices of --target below this index are the strong case, the rest "
                          "the weak one (use with p01 only)")
     a = ap.parse_args()
-    from WeakLiverSegLib.boxes import box_mask
-    from WeakLiverSegLib.cli import parse_overrides
-    from WeakLiverSegLib.config import deep_update
-    from WeakLiverSegLib.imageio import read_label_map
-    from WeakLiverSegLib.modelstore import load_model
-    from WeakLiverSegLib.progress import Progress
+    from WeakLiverSegLib.data.boxes import box_mask
+    from WeakLiverSegLib.app.cli import parse_overrides
+    from WeakLiverSegLib.learn.config import deep_update
+    from WeakLiverSegLib.data.imageio import read_label_map
+    from WeakLiverSegLib.learn.modelstore import load_model
+    from WeakLiverSegLib.app.progress import Progress
     from WeakLiverSegLib.recipes import o2l
 
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     out = Path(a.out)
     # The student is not part of this study: one step keeps the pipeline whole and cheap.

@@ -34,13 +34,13 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from WeakLiverSegLib import phantom  # noqa: E402
-from WeakLiverSegLib.imageio import read_image  # noqa: E402
-from WeakLiverSegLib.metrics import overlap_counts  # noqa: E402
-from WeakLiverSegLib.modelstore import load_model  # noqa: E402
-from WeakLiverSegLib.progress import Progress  # noqa: E402
+from WeakLiverSegLib.synth import phantom  # noqa: E402
+from WeakLiverSegLib.data.imageio import read_image  # noqa: E402
+from WeakLiverSegLib.evaluation.metrics import overlap_counts  # noqa: E402
+from WeakLiverSegLib.learn.modelstore import load_model  # noqa: E402
+from WeakLiverSegLib.app.progress import Progress  # noqa: E402
 from WeakLiverSegLib.recipes import sdnet  # noqa: E402
-from WeakLiverSegLib.store import Dataset  # noqa: E402
+from WeakLiverSegLib.data.store import Dataset  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -282,7 +282,7 @@ def per_case_table(results, study) -> str:
 def resolution_ceiling(base: Dataset, spacing) -> float:
     """Dice global of the test truth masks taken to the working grid and back (what a perfect
     network at that voxel size would score)."""
-    from WeakLiverSegLib.imageio import resample_to
+    from WeakLiverSegLib.data.imageio import resample_to
 
     per_case = {}
     for cid, image, truth in synthetic_tests(base):

@@ -46,11 +46,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-from WeakLiverSegLib import phantom  # noqa: E402
-from WeakLiverSegLib.metrics import binary_metrics  # noqa: E402
-from WeakLiverSegLib.networks.dense_unet import set_output_prior  # noqa: E402
+from WeakLiverSegLib.synth import phantom  # noqa: E402
+from WeakLiverSegLib.evaluation.metrics import binary_metrics  # noqa: E402
+from WeakLiverSegLib.learn.slices import slice_groups  # noqa: E402
+from WeakLiverSegLib.recipes.wsts.dense_unet import set_output_prior  # noqa: E402
 from WeakLiverSegLib.recipes import wsts  # noqa: E402
-from WeakLiverSegLib.usse import add_noise, seg_loss  # noqa: E402
+from WeakLiverSegLib.recipes.wsts.usse import add_noise, seg_loss  # noqa: E402
 
 FULL = {
     "cohort": {"cases": 22, "test": 6, "shape": (64, 64, 24), "spacing": (2.25, 2.25, 4.0), "noise": 10.0,
@@ -283,7 +284,7 @@ class Runner:
         with torch.no_grad():
             for item in self.test:
                 img = item[0].images[cfg["student_phase"]]
-                x = torch.from_numpy(wsts.slice_groups(img, np.arange(img.shape[0]), cfg["context"])).to(self.dev)
+                x = torch.from_numpy(slice_groups(img, np.arange(img.shape[0]), cfg["context"])).to(self.dev)
                 p = torch.sigmoid(net(x).float()).cpu().numpy()
                 per.append(score(p[:, 1], p[:, 0], item, cfg))
         result = {"cases": per, "summary": summarize(per)}
@@ -425,7 +426,7 @@ def must_show_checks(res: dict, n: int, seeds: list) -> list:
 def run_job(ds_root: str, config: dict, job: tuple, device: str, t_start: float, seed: int) -> dict:
     """One study run in its own process: load the cohort, train, evaluate; detection of the detectors it trained."""
     torch.set_num_threads(1)
-    from WeakLiverSegLib.store import Dataset
+    from WeakLiverSegLib.data.store import Dataset
 
     table, name, kind, args, kwargs = job
     cfg = wsts.resolve_config({**config, "seed": int(seed)})
@@ -472,7 +473,7 @@ def main(argv=None) -> int:
     t_start = time.monotonic()
     plan = copy.deepcopy(SMOKE if args.smoke else FULL)
     if args.set:
-        from WeakLiverSegLib.config import deep_update
+        from WeakLiverSegLib.learn.config import deep_update
         plan["config"] = deep_update(plan["config"], json.loads(args.set))   # checked by wsts.resolve_config below
     if args.seeds:
         plan["config"]["seed"] = int(args.seeds.split(",")[0])
@@ -486,7 +487,7 @@ def main(argv=None) -> int:
 
     ds_root = out / "cohort"
     if (ds_root / "dataset.json").exists():
-        from WeakLiverSegLib.store import Dataset
+        from WeakLiverSegLib.data.store import Dataset
         ds = Dataset.load(ds_root)
         if json.loads((ds_root / "study_cohort.json").read_text()) != json.loads(json.dumps(plan["cohort"])):
             raise SystemExit(f"{ds_root}: holds a cohort with other settings; use another --out")

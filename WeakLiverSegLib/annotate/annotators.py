@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..boxes import Box, box_mask
+from ..data.boxes import Box, box_mask
 from ..errors import InputError
-from ..volume import Volume
+from ..data.volume import Volume
 from .propagate import PropagationSettings, Propagator
 
 NAMES = ("litemedsam", "fill", "fused")
@@ -111,15 +111,14 @@ class LiteMedSAMAnnotator:
 
 
 class TrainedAnnotator:
-    """The teacher of a trained model (a recipe whose ``segment`` uses boxes, e.g. o2l)."""
+    """The teacher of a trained model (a recipe whose ``segment`` uses boxes, e.g. o2l); ``recipe``
+    is the model's recipe module, handed in by the caller (annotate sits below the recipes)."""
     name = "trained"
 
-    def __init__(self, model, device: str = "cpu"):
-        from .. import recipes
-
+    def __init__(self, model, recipe, device: str = "cpu"):
         self.model = model
         self.device = device
-        self.recipe = recipes.get(model.recipe)
+        self.recipe = recipe
 
     def result(self, image: Volume, boxes, progress=None):
         phases = self.model.meta.get("input", {}).get("phases") or ["ct"]
@@ -175,11 +174,19 @@ def _check_found(labels, boxes):
 
 
 def load_annotator(spec, device: str = "cpu", teacher=None, settings: PropagationSettings | None = None,
-                   models_root=None, **sam_kwargs):
+                   models_root=None, recipe_lookup=None, **sam_kwargs):
     """``spec``: "litemedsam" (the pretrained model, converted on first use), "fill", "fused" (needs
     ``teacher``, a trained model folder) or a model folder (a fine-tuned LiteMedSAM or a trained model
-    whose teacher annotates)."""
-    from ..modelstore import load_model
+    whose teacher annotates). ``recipe_lookup``: name -> recipe module (``recipes.get``), needed for
+    a trained teacher."""
+
+    def trained(model):
+        if recipe_lookup is None:
+            raise ValueError("load_annotator: a trained teacher needs recipe_lookup")
+        return TrainedAnnotator(model, recipe_lookup(model.recipe), device)
+
+    from ..learn.modelstore import load_model
+    from . import litemedsam  # noqa: F401  (registers the LiteMedSAM network class)
     from .convert import pretrained_dir
 
     spec = str(spec)
@@ -192,7 +199,7 @@ def load_annotator(spec, device: str = "cpu", teacher=None, settings: Propagatio
             return sam
         if teacher is None:
             raise InputError("--annotator fused: needs --teacher MODEL_DIR (a trained model with a teacher)")
-        return FusedAnnotator(sam, TrainedAnnotator(load_model(teacher, device=device), device))
+        return FusedAnnotator(sam, trained(load_model(teacher, device=device)))
     path = Path(spec)
     if not path.exists():
         raise InputError(f"--annotator {spec!r}: not litemedsam, fill or fused, and no such model folder")
@@ -201,4 +208,4 @@ def load_annotator(spec, device: str = "cpu", teacher=None, settings: Propagatio
         return LiteMedSAMAnnotator(model, device, settings, **sam_kwargs)
     if "teacher" not in model.networks:
         raise InputError(f"{path}: recipe {model.recipe!r} model has no teacher network to annotate boxes with")
-    return TrainedAnnotator(model, device)
+    return trained(model)

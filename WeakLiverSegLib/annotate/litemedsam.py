@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..modelstore import register_network
+from ..learn.modelstore import register_network
 from .image_encoder import TinyViTEncoder
 from .mask_decoder import MaskDecoder
 from .prompt_encoder import PromptEncoder

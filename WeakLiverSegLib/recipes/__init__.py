@@ -1,6 +1,8 @@
-"""Recipes: one module per paper, one interface.
+"""Recipes: one package per paper (recipes/<name>/, whose files are the paper's parts), one interface,
+and the registry (``get``).  A recipe may import data, anatomy, learn, evaluation (and annotate);
+nothing here imports a recipe until it is asked for (``get``), so a command loads only its own.
 
-Each recipe module exposes
+Each recipe package exposes
 ``train(dataset, out, config: dict, device, progress, init=None, resume=False) -> Path`` and
 ``segment(model: LoadedModel, images: dict[str, Volume], boxes=None, device="cpu", progress=None) -> SegmentResult``,
 plus ``DEFAULTS`` (its config) and ``PHASES`` (the image phases it needs at training / at inference).
@@ -11,9 +13,23 @@ from __future__ import annotations
 import importlib
 
 from ..errors import InputError
+from ..learn.modelstore import register_network_module
 
 RECIPES = ("o2l", "wsts", "couinaud", "acol", "sdnet", "litemedsam")
 _loaded = {}
+
+# Network classes owned by one recipe -> their module: ``learn.modelstore.load_model`` imports just
+# that module (and so its recipe) for a model that holds one.  The shared networks are listed in
+# learn.modelstore itself.
+RECIPE_NETWORKS = {
+    "BoxPolicy2D": "wsts.rl_boxes",
+    "DenseUNet2D": "wsts.dense_unet",
+    "CouinaudNet": "couinaud.couinaudnet",
+    "FPNACoLClassifier": "acol.fpn_classifier",
+}
+for _cls, _module in RECIPE_NETWORKS.items():
+    register_network_module(_cls, f"{__name__}.{_module}")
+register_network_module("LiteMedSAM", f"{__package__}.annotate.litemedsam")   # the litemedsam recipe's network
 
 
 def available() -> list[str]:
@@ -39,15 +55,3 @@ def get(name: str):
                 raise InputError(f"--recipe: recipe {name!r} is not implemented in this version") from None
             raise
     return _loaded[name]
-
-
-def _register_all():
-    """Import every present recipe so its networks land in the model-store registry."""
-    for name in RECIPES:
-        try:
-            get(name)
-        except InputError:
-            pass
-
-
-_register_all()

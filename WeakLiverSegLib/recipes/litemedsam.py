@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..annotate import litemedsam as _network  # noqa: F401  (registers the LiteMedSAM network class)
 from ..errors import InputError
-from ..training import SegmentResult
+from ..learn.training import SegmentResult
 
 NAME = "litemedsam"
 PHASES = {"train": ("ct",), "inference": ("ct",)}

@@ -1,0 +1,105 @@
+"""``weakliverseg bench``: speed and peak memory of the main commands, written as JSON.
+
+Each measured command runs as its own child process (the real CLI), timed with a wall clock and
+measured with ``os.wait4`` (that child's peak resident memory), so the figures are what a user sees.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SHARED = ROOT.parent / "shared" / "data"
+
+
+def measure(argv, env=None) -> dict:
+    """Run ``argv``; return wall seconds, peak RSS (MB) of that process and its exit code."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    err = proc.stderr.read().decode(errors="replace")
+    proc.stdout.close()
+    proc.stderr.close()
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {err.strip().splitlines()[-1:]}")
+    peak_mb = usage.ru_maxrss / 1024 if sys.platform != "darwin" else usage.ru_maxrss / 2**20
+    return {"seconds": round(wall, 2), "peak_rss_mb": round(peak_mb, 1), "cpu_user_s": round(usage.ru_utime, 2)}
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "WeakLiverSegLib", *map(str, args)]
+
+
+def _env(threads):
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def bench_phantom(work: Path, device, threads) -> dict:
+    out = work / "phantom20"
+    r = measure(_cli("phantom", "--out", out, "--cases", 20, "--seed", 1, "--progress", "none"), _env(threads))
+    return {"what": "weakliverseg phantom --cases 20 --seed 1 (default shape 96x96x48)", **r}
+
+
+def _tiny_model(work: Path, device) -> Path:
+    """A real o2l model folder at the default architecture (weights barely trained: speed only)."""
+    data, model = work / "tiny", work / "model"
+    if not (model / "model.json").exists():
+        subprocess.run(_cli("phantom", "--out", data, "--cases", 4, "--seed", 0, "--shape", 48, 48, 16,
+                            "--mix", "strong=0.5,box=0.5", "--progress", "none"), check=True)
+        subprocess.run(_cli("train", "--dataset", data, "--recipe", "o2l", "--out", model, "--steps", 2,
+                            "--device", device, "--progress", "none"), check=True)
+    return model
+
+
+def bench_segment_p17(work: Path, device, threads) -> dict:
+    ct = SHARED / "ircadb" / "p17" / "ct.nii.gz"
+    if not ct.exists():
+        return {"skipped": f"{ct} not found"}
+    model = _tiny_model(work, device)
+    r = measure(_cli("segment", "--model", model, "--input", ct, "--out", work / "p17_pred.nii.gz",
+                     "--device", device, "--progress", "none"), _env(threads))
+    return {"what": "weakliverseg segment (o2l student) on ircadb/p17 CT 512x512x119, incl. reading/writing",
+            "threads": threads, **r, "target": {"seconds": 30, "peak_rss_mb": 3072}}
+
+
+def bench_evaluate_p17(work: Path, device, threads) -> dict:
+    label = SHARED / "ircadb" / "p17" / "label.nii.gz"
+    if not label.exists():
+        return {"skipped": f"{label} not found"}
+    r = measure(_cli("evaluate", "--pred", label, "--truth", label, "--out", work / "m.json"), _env(threads))
+    return {"what": "weakliverseg evaluate on the p17 512x512x119 label map against itself", **r}
+
+
+BENCHMARKS = {"phantom": bench_phantom, "segment_p17": bench_segment_p17, "evaluate_p17": bench_evaluate_p17}
+
+
+def run_benchmarks(out, which="all", device="cpu", progress=None, threads=2) -> dict:
+    names = list(BENCHMARKS) if which == "all" else [w.strip() for w in which.split(",")]
+    from ..errors import InputError
+
+    for name in names:
+        if name not in BENCHMARKS:
+            raise InputError(f"--which: unknown benchmark {name!r} (choose from {', '.join(BENCHMARKS)})")
+    result = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version(), "device": str(device)},
+              "benchmarks": {}}
+    with tempfile.TemporaryDirectory(prefix="wls-bench-") as tmp:
+        for n, name in enumerate(names):
+            result["benchmarks"][name] = BENCHMARKS[name](Path(tmp), str(device), threads)
+            if progress is not None:
+                progress.update("bench", n + 1, len(names), benchmark=name)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result

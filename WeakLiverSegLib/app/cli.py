@@ -1,0 +1,342 @@
+"""``weakliverseg`` command line: the contract used by the Slicer module, tests and benchmarks.
+
+Exit codes: 0 ok, 2 bad input (one line naming the file and the problem), 1 internal error,
+130 cancelled.  ``--progress jsonl`` prints one JSON event a line (see ``progress.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+from .. import __version__
+from ..errors import Cancelled, InputError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="weakliverseg", description=__doc__.splitlines()[0])
+    p.add_argument("--version", action="version", version=f"weakliverseg {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def progress_arg(sp, default="bar"):
+        sp.add_argument("--progress", choices=("bar", "jsonl", "none"), default=default,
+                        help="progress display: bar (terminal), jsonl (one JSON event per line, for programs), none")
+
+    def device_arg(sp):
+        sp.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda or cuda:N")
+
+    sp = sub.add_parser("phantom", help="write a synthetic abdominal cohort with known truth")
+    sp.add_argument("--out", required=True, type=Path, help="dataset folder to create")
+    sp.add_argument("--cases", type=int, default=20)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--shape", type=int, nargs=3, metavar=("X", "Y", "Z"))
+    sp.add_argument("--spacing", type=float, nargs=3, metavar=("SX", "SY", "SZ"), help="mm")
+    sp.add_argument("--noise", type=float, help="Gaussian noise sigma in HU")
+    sp.add_argument("--tumors", type=int, nargs=2, metavar=("MIN", "MAX"), help="tumours per pathological case")
+    sp.add_argument("--tumor-radius", type=float, nargs=2, metavar=("MIN", "MAX"), help="tumour radius range in mm")
+    sp.add_argument("--plain-contrast", type=float, help="tumour minus liver HU in the non-enhanced phase")
+    sp.add_argument("--enhanced-contrast", type=float, help="tumour minus liver HU in the enhanced phase")
+    sp.add_argument("--healthy-fraction", type=float)
+    sp.add_argument("--mix", help="label mix, e.g. strong=0.3,box=0.6,test=0.1 "
+                    "(keys: strong, box, couinaud, volume, unlabelled, test)")
+    sp.add_argument("--preview", action="store_true", help="also write preview.png, a montage of cases")
+    progress_arg(sp)
+
+    sp = sub.add_parser("train", help="train a recipe on a weak-label store")
+    sp.add_argument("--dataset", required=True, type=Path)
+    sp.add_argument("--recipe", default="o2l", help="o2l (default), wsts, couinaud, acol, sdnet")
+    sp.add_argument("--out", required=True, type=Path, help="model folder to write")
+    sp.add_argument("--init", type=Path, help="fine-tune from this earlier model folder")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint in --out")
+    device_arg(sp)
+    sp.add_argument("--steps", type=int, help="scale all training stages to about N steps in total")
+    sp.add_argument("--config", type=Path, help="JSON file with recipe settings overriding the defaults")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override one setting, e.g. --set student.lr=1e-3 (repeatable; VALUE is JSON or text)")
+    sp.add_argument("--seed", type=int, default=0)
+    progress_arg(sp)
+
+    sp = sub.add_parser("pseudo", help="write the teacher's pseudo-labels for the weak cases of a store")
+    sp.add_argument("--model", required=True, type=Path)
+    sp.add_argument("--dataset", required=True, type=Path)
+    sp.add_argument("--out", required=True, type=Path, help="folder for the pseudo-labelled store")
+    device_arg(sp)
+    progress_arg(sp)
+
+    sp = sub.add_parser("segment", help="segment one volume with a trained model")
+    sp.add_argument("--model", required=True, type=Path)
+    sp.add_argument("--input", required=True, action="append", metavar="[PHASE=]IMAGE_OR_DICOM_DIR",
+                    help="image file or DICOM folder; repeat as PHASE=PATH for multi-phase models")
+    sp.add_argument("--boxes", type=Path, help="JSON list of boxes (store format) for teacher models")
+    sp.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nii, .nrrd or .seg.nrrd")
+    sp.add_argument("--probabilities", type=Path, help="also write the tumour probability map here")
+    sp.add_argument("--uncertainty", type=Path, help="also write the predictive-entropy map here")
+    device_arg(sp)
+    progress_arg(sp)
+
+    sp = sub.add_parser("evaluate", help="score predictions against truth, write metrics.json")
+    sp.add_argument("--pred", required=True, type=Path, help="label map file or folder")
+    sp.add_argument("--truth", required=True, type=Path, help="label map file, folder or dataset folder")
+    sp.add_argument("--labels", default="liver=1,tumor=2")
+    sp.add_argument("--probabilities", type=Path, help="tumour probability file or folder (adds ROC AUC)")
+    sp.add_argument("--out", required=True, type=Path)
+    progress_arg(sp, default="none")
+
+    sp = sub.add_parser("demo", help="the main job: synthetic cohort -> teacher -> student -> report.html")
+    sp.add_argument("--out", required=True, type=Path)
+    device_arg(sp)
+    sp.add_argument("--cases", type=int, help="cohort size (default depends on the device)")
+    sp.add_argument("--steps", type=int, help="training steps (default depends on the device)")
+    sp.add_argument("--seed", type=int, default=0)
+    progress_arg(sp)
+
+    sp = sub.add_parser("bench", help="speed and memory benchmarks, JSON out")
+    sp.add_argument("--out", required=True, type=Path)
+    sp.add_argument("--which", default="all", help="comma list of benchmarks (default all)")
+    device_arg(sp)
+    progress_arg(sp, default="none")
+    return p
+
+
+def parse_overrides(items) -> dict:
+    """``["a.b=1", "c=text"]`` -> ``{"a": {"b": 1}, "c": "text"}``."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise InputError(f"--set {item!r}: expected KEY=VALUE")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return out
+
+
+def _load_config(args) -> dict:
+    cfg: dict = {}
+    if getattr(args, "config", None):
+        try:
+            cfg = json.loads(Path(args.config).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{args.config}: config file not found") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{args.config}: not valid JSON ({exc})") from None
+        if not isinstance(cfg, dict):
+            raise InputError(f"{args.config}: expected a JSON object")
+    from ..learn.config import deep_update
+
+    return deep_update(cfg, parse_overrides(getattr(args, "set", [])))
+
+
+def cmd_phantom(args, progress):
+    from ..synth import phantom
+
+    kwargs = {k: v for k, v in {
+        "shape": tuple(args.shape) if args.shape else None,
+        "spacing": tuple(args.spacing) if args.spacing else None,
+        "noise": args.noise,
+        "tumors": tuple(args.tumors) if args.tumors else None,
+        "tumor_radius_mm": tuple(args.tumor_radius) if args.tumor_radius else None,
+        "plain_contrast": args.plain_contrast,
+        "enhanced_contrast": args.enhanced_contrast,
+        "healthy_fraction": args.healthy_fraction,
+        "mix": args.mix,
+    }.items() if v is not None}
+    ds = phantom.generate_cohort(args.out, cases=args.cases, seed=args.seed, preview=args.preview,
+                                 progress=progress, **kwargs)
+    progress.done(dataset=str(ds.root), cases=len(ds.cases))
+    if progress.mode != "jsonl":
+        print(f"wrote {len(ds.cases)} cases to {ds.root}")
+
+
+def cmd_train(args, progress):
+    from .. import recipes
+    from ..data.store import Dataset
+    from ..learn.training import select_device
+
+    ds = Dataset.load(args.dataset)
+    recipe = recipes.get(args.recipe)
+    device = select_device(args.device)
+    config = _load_config(args)
+    if args.steps is not None:
+        if args.steps < 1:
+            raise InputError(f"--steps must be positive, got {args.steps}")
+        config["steps"] = args.steps
+    config["seed"] = args.seed
+    if args.resume and args.init:
+        raise InputError("--resume and --init cannot be combined: resume continues the run in --out")
+    out = recipe.train(ds, args.out, config, device, progress, init=args.init, resume=args.resume)
+    progress.done(model=str(out))
+    if progress.mode != "jsonl":
+        print(f"model written to {out}")
+
+
+def cmd_pseudo(args, progress):
+    from .. import recipes
+    from ..learn.modelstore import load_model
+    from ..data.store import Dataset
+    from ..learn.training import select_device
+
+    device = select_device(args.device)
+    model = load_model(args.model, device=device)
+    recipe = recipes.get(model.recipe)
+    if not hasattr(recipe, "pseudo"):
+        raise InputError(f"{args.model}: recipe {model.recipe!r} has no teacher to make pseudo-labels")
+    out = recipe.pseudo(model, Dataset.load(args.dataset), args.out, device, progress)
+    progress.done(dataset=str(out))
+
+
+def parse_inputs(items) -> dict:
+    """``["ct.nii.gz"]`` or ``["enhanced=a.nii.gz", "plain=b.nii.gz"]`` -> {phase: path}."""
+    out = {}
+    for item in items:
+        phase, sep, path = item.partition("=")
+        if not sep or Path(item).exists():
+            phase, path = None, item
+        if phase in out:
+            raise InputError(f"--input: phase {phase!r} given twice")
+        out[phase] = Path(path)
+    if None in out and len(out) > 1:
+        raise InputError("--input: give either one image, or PHASE=PATH for every image")
+    return out
+
+
+def read_boxes_json(path, reference) -> list:
+    from ..data.boxes import Box
+
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{path}: boxes file not found") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from None
+    if isinstance(raw, dict):
+        raw = list(raw.get("boxes", [])) + ([raw["liver_box"]] if raw.get("liver_box") else [])
+    if not isinstance(raw, list):
+        raise InputError(f"{path}: expected a list of boxes")
+    boxes = []
+    for n, item in enumerate(raw):
+        box = Box.from_json(item, where=f"{path} [{n}]")
+        box.validate(reference, where=f"{path} [{n}]")
+        boxes.append(box)
+    return boxes
+
+
+def cmd_segment(args, progress):
+    from .. import recipes
+    from ..data.imageio import check_finite, check_same_grid, read_image, write_image, write_label_map
+    from ..learn.modelstore import load_model
+    from ..learn.training import select_device
+
+    device = select_device(args.device)
+    model = load_model(args.model, device=device)
+    recipe = recipes.get(model.recipe)
+    paths = parse_inputs(args.input)
+    phases = model.meta.get("input", {}).get("inference_phases") or model.meta.get("input", {}).get("phases") or []
+    if None in paths:
+        images = {(phases[0] if phases else "ct"): read_image(paths[None])}
+    else:
+        images = {ph: read_image(p) for ph, p in paths.items()}
+    ref = next(iter(images.values()))
+    for phase, vol in images.items():
+        check_finite(vol, where=str(paths.get(phase, paths.get(None))))
+        check_same_grid(ref, vol, where=f"--input {phase}")
+    boxes = read_boxes_json(args.boxes, ref) if args.boxes else None
+    result = recipe.segment(model, images, boxes=boxes, device=device, progress=progress)
+    write_label_map(result.labels, args.out)
+    written = {"labels": str(args.out)}
+    if args.probabilities:
+        if result.probabilities is None:
+            raise InputError(f"--probabilities: recipe {model.recipe!r} gives no probability map")
+        write_image(result.probabilities, args.probabilities)
+        written["probabilities"] = str(args.probabilities)
+    if args.uncertainty:
+        if result.uncertainty is None:
+            raise InputError(f"--uncertainty: recipe {model.recipe!r} gives no uncertainty map")
+        write_image(result.uncertainty, args.uncertainty)
+        written["uncertainty"] = str(args.uncertainty)
+    progress.done(**written)
+    if progress.mode != "jsonl":
+        print(f"segmentation written to {args.out}")
+
+
+def cmd_evaluate(args, progress):
+    from ..evaluation.evaluate import evaluate, format_table, parse_labels, write_metrics
+
+    metrics = evaluate(args.pred, args.truth, labels=parse_labels(args.labels),
+                       probabilities=args.probabilities, progress=progress)
+    write_metrics(metrics, args.out)
+    if progress.mode == "jsonl":
+        progress.done(metrics=str(args.out))
+    else:
+        print(format_table(metrics))
+        print(f"metrics written to {args.out}")
+
+
+def cmd_demo(args, progress):
+    from .demo import run_demo
+    from ..learn.training import select_device
+
+    report = run_demo(args.out, device=select_device(args.device), cases=args.cases, steps=args.steps,
+                      seed=args.seed, progress=progress)
+    progress.done(report=str(report))
+    if progress.mode != "jsonl":
+        print(f"report written to {report}")
+
+
+def cmd_bench(args, progress):
+    from .bench import run_benchmarks
+    from ..learn.training import select_device
+
+    result = run_benchmarks(args.out, which=args.which, device=select_device(args.device), progress=progress)
+    if progress.mode != "jsonl":
+        print(json.dumps(result, indent=2))
+
+
+COMMANDS = {"phantom": cmd_phantom, "train": cmd_train, "pseudo": cmd_pseudo, "segment": cmd_segment,
+            "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench}
+
+
+def main(argv=None) -> int:
+    from .progress import Progress
+
+    args = build_parser().parse_args(argv)
+    progress = Progress(args.progress)
+
+    def on_term(signum, frame):  # Cancel from the Slicer module: stop at the next check
+        progress.cancelled = True
+        raise Cancelled("cancelled by signal")
+
+    try:
+        signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread (e.g. called from a test thread)
+        pass
+    try:
+        COMMANDS[args.command](args, progress)
+        return 0
+    except InputError as exc:
+        msg = str(exc).replace("\n", " ")
+        progress.error(msg)
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except (Cancelled, KeyboardInterrupt):
+        progress.error("cancelled")
+        print("cancelled", file=sys.stderr)
+        return 130
+    except Exception as exc:  # internal error: full traceback for the bug report
+        progress.error(f"internal error: {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

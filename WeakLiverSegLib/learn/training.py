@@ -1,0 +1,397 @@
+"""Training helpers shared by every recipe: device choice, optimizers and schedules, losses,
+checkpoints that survive an interruption, the segmentation result type.
+
+Checkpoints are a folder (``<model>/checkpoint/``) holding ``checkpoint.json`` (stage, step,
+optimizer hyper-parameters and scalar state, numpy RNG state, recipe extras) and one
+``state-<stage>-<step>.safetensors`` with every tensor (network weights and buffers, optimizer
+tensors, torch RNG state).  Never pickle.  The JSON is replaced atomically *after* its
+safetensors file is complete and names it, so a crash at any moment leaves the previous
+consistent checkpoint in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import InputError
+from .modelstore import write_json_atomic
+
+CHECKPOINT_FORMAT = "weakliverseg-checkpoint"
+CHECKPOINT_VERSION = 1
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass
+class SegmentResult:
+    """What ``recipe.segment`` returns, on the input grid: ``labels`` uint8 0/1/2, ``probabilities``
+    float32 tumour probability and ``uncertainty`` float32 predictive entropy (None when a recipe
+    has none)."""
+    labels: object
+    probabilities: object = None
+    uncertainty: object = None
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def select_device(name: str = "auto") -> str:
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda`` or ``cuda:N`` -> a torch device string."""
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            why = "this PyTorch build has no CUDA support" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise InputError(f"--device {name}: CUDA was asked for but is not available ({why}); use --device cpu or auto")
+        if ":" in name:
+            index = name.split(":", 1)[1]
+            if not index.isdigit() or int(index) >= torch.cuda.device_count():
+                raise InputError(f"--device {name}: no such GPU ({torch.cuda.device_count()} visible)")
+        return name
+    raise InputError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+
+
+def check_cancelled(progress) -> None:
+    """Raise ``errors.Cancelled`` when the user asked to stop (``progress`` may be None)."""
+    if progress is not None:
+        progress.check_cancelled()
+
+
+def write_pseudo_store(dataset, out_dir, weak_ids, relabel, suffix: str = "pseudo", progress=None) -> Path:
+    """Copy ``dataset`` to the new store ``out_dir``; the cases in ``weak_ids`` get as mask what
+    ``relabel(case, images)`` returns (``images``: phase -> Volume; None keeps the case's own).
+
+    The target must be a new folder (never the source store); ``out_dir/pseudo/`` is there for the
+    recipe's probability maps.  Returns ``out_dir``.
+    """
+    from ..data.store import Dataset
+
+    out_dir = Path(out_dir)
+    if out_dir.resolve() == Path(dataset.root).resolve():
+        raise InputError(f"{out_dir}: pseudo-labels go to a new folder, not into the source dataset")
+    target = Dataset.create(out_dir, name=f"{dataset.name or 'dataset'}-{suffix}", exist_ok=False)
+    (out_dir / "pseudo").mkdir(exist_ok=True)
+    total = len(dataset.cases)
+    for n, case in enumerate(dataset.cases.values()):
+        check_cancelled(progress)
+        images = {phase: dataset.read_image(case.id, phase) for phase in case.images}
+        mask = relabel(case, images) if case.id in weak_ids else None
+        truth = {key: dataset.read_truth(case.id, key) for key in (case.truth or {})} or None
+        target.add_case(case.id, images, reference=case.reference,
+                        mask=dataset.read_mask(case.id) if mask is None else mask, boxes=case.boxes,
+                        liver_box=case.liver_box, couinaud=case.couinaud, volume_label=case.volume_label,
+                        split=case.split, truth=truth)
+        if progress is not None:
+            progress.update("pseudo", n + 1, total)
+    return out_dir
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+def make_optimizer(params, cfg: dict, where: str = "optimizer") -> torch.optim.Optimizer:
+    """``cfg``: ``optimizer`` (adam | adamw | sgd), ``lr``, ``momentum`` (sgd), ``weight_decay``."""
+    kind = str(cfg.get("optimizer", "adam")).lower()
+    lr = float(cfg["lr"])
+    wd = float(cfg.get("weight_decay", 0.0))
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.get("momentum", 0.9)), weight_decay=wd)
+    raise InputError(f"{where}: unknown optimizer {kind!r} (choose from {', '.join(OPTIMIZERS)})")
+
+
+def lr_at(step: int, total: int, cfg: dict) -> float:
+    """Learning rate for optimisation step ``step`` (0-based) of ``total``.
+
+    Constant ``lr``, then from ``lr_decay_start`` (a fraction of ``total``; 1 = never) multiplied
+    by ``lr_decay`` every step, the paper's "decrease by 0.95" tail.
+    """
+    lr = float(cfg["lr"])
+    start = int(math.floor(float(cfg.get("lr_decay_start", 1.0)) * total))
+    if step >= start:
+        lr *= float(cfg.get("lr_decay", 1.0)) ** (step - start + 1)
+    return lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy with class-probability targets (B, C, ...) (one-hot targets = the usual CE).
+
+    ``weight`` (C,) weights the classes like ``F.cross_entropy(weight=...)``: the mean is taken
+    over the per-pixel weights ``sum_c target_c * weight_c``.
+    """
+    logp = F.log_softmax(logits.float(), dim=1)
+    target = target.float()
+    if weight is None:
+        return -(target * logp).sum(dim=1).mean()
+    w = weight.to(logp).view(1, -1, *([1] * (logp.dim() - 2)))
+    per_pixel = -(target * w * logp).sum(dim=1)
+    norm = (target * w).sum(dim=1).sum().clamp_min(1e-12)
+    return per_pixel.sum() / norm
+
+
+def scale_steps(stage_steps: dict, total) -> dict:
+    """Scale per-stage step counts to about ``total`` steps overall (every stage at least 1)."""
+    if total is None:
+        return dict(stage_steps)
+    total = int(total)
+    if total < 1:
+        raise InputError(f"steps must be positive, got {total}")
+    base = sum(stage_steps.values())
+    return {k: max(1, int(round(total * v / base))) if base else 1 for k, v in stage_steps.items()}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@dataclass
+class Checkpoint:
+    stage: str
+    step: int
+    meta: dict
+    tensors: dict
+
+
+class Checkpointer:
+    """Save / restore networks + optimizers + step + RNG state, safetensors + JSON (no pickle)."""
+
+    def __init__(self, folder, every: int = 50):
+        self.folder = Path(folder)
+        self.every = max(1, int(every))
+
+    @property
+    def json_path(self) -> Path:
+        return self.folder / "checkpoint.json"
+
+    def exists(self) -> bool:
+        return self.json_path.is_file()
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, stage: str, step: int, networks: dict, optimizers: dict | None = None,
+             rng: np.random.Generator | None = None, extra: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors, opt_meta = {}, {}
+        for name, net in networks.items():
+            for key, value in net.state_dict().items():
+                tensors[f"net/{name}/{key}"] = value.detach().cpu().contiguous()
+        for name, opt in (optimizers or {}).items():
+            opt_meta[name] = _flatten_optimizer(opt.state_dict(), f"opt/{name}", tensors)
+        tensors["rng/torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            for n, state in enumerate(torch.cuda.get_rng_state_all()):
+                tensors[f"rng/cuda/{n}"] = state
+        fname = f"state-{stage}-{step:07d}.safetensors"
+        tmp = self.folder / f".{fname}.tmp"
+        save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.folder / fname)
+        meta = {
+            "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stage": stage, "step": int(step),
+            "file": fname, "networks": sorted(networks), "optimizers": opt_meta,
+            "numpy_rng": _rng_state_to_json(rng.bit_generator.state) if rng is not None else None,
+            "extra": extra or {},
+        }
+        write_json_atomic(self.json_path, meta)
+        for old in self.folder.glob("state-*.safetensors"):   # only the newest is referenced
+            if old.name != fname:
+                old.unlink(missing_ok=True)
+        return self.folder / fname
+
+    def load(self) -> Checkpoint | None:
+        """The last checkpoint, or None when there is none; InputError when it is corrupt."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        if not self.exists():
+            return None
+        where = self.json_path
+        hint = "delete the checkpoint folder to start over"
+        try:
+            meta = json.loads(where.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InputError(f"{where}: unreadable checkpoint ({exc}); {hint}") from None
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise InputError(f"{where}: not a WeakLiverSeg checkpoint; {hint}")
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise InputError(f"{where}: checkpoint version {meta.get('version')!r} is not supported; {hint}")
+        fname = meta.get("file")
+        if not isinstance(fname, str) or Path(fname).name != fname or not fname.endswith(".safetensors"):
+            raise InputError(f"{where}: bad 'file' field {fname!r}; {hint}")
+        path = self.folder / fname
+        try:
+            tensors = load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise InputError(f"{path}: not a valid safetensors checkpoint ({exc}); {hint}") from None
+        return Checkpoint(str(meta["stage"]), int(meta["step"]), meta, tensors)
+
+    def restore(self, ckpt: Checkpoint, networks: dict, optimizers: dict | None = None,
+                rng: np.random.Generator | None = None) -> None:
+        """Load the checkpoint's state into ``networks`` / ``optimizers`` / ``rng`` and the torch RNG."""
+        where = self.folder / ckpt.meta["file"]
+        try:
+            for name, net in networks.items():
+                prefix = f"net/{name}/"
+                state = {k[len(prefix):]: v for k, v in ckpt.tensors.items() if k.startswith(prefix)}
+                net.load_state_dict(state, strict=True)
+            for name, opt in (optimizers or {}).items():
+                opt.load_state_dict(_unflatten_optimizer(ckpt.meta["optimizers"][name], f"opt/{name}", ckpt.tensors))
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise InputError(f"{where}: checkpoint does not fit this training run "
+                             f"({str(exc).splitlines()[0]}); delete the checkpoint folder to start over") from None
+        torch.set_rng_state(ckpt.tensors["rng/torch"])
+        cuda = sorted(k for k in ckpt.tensors if k.startswith("rng/cuda/"))
+        if cuda and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([ckpt.tensors[k] for k in cuda])
+        if rng is not None and ckpt.meta.get("numpy_rng") is not None:
+            rng.bit_generator.state = _rng_state_from_json(ckpt.meta["numpy_rng"])
+
+    def resume(self, ckpt: Checkpoint, networks: dict, optimizers: dict, rng, state: dict, progress=None) -> tuple:
+        """``restore`` plus the run's curves / seconds into ``state``; returns ``(stage, step)`` to continue at."""
+        self.restore(ckpt, networks, optimizers, rng)
+        state["curves"] = ckpt.meta["extra"].get("curves", {})
+        state["seconds"] = ckpt.meta["extra"].get("seconds", {})
+        if progress is not None:
+            progress.log(f"resuming from {ckpt.stage} step {ckpt.step}")
+        return ckpt.stage, ckpt.step
+
+    def clear(self) -> None:
+        """Remove the checkpoint (after the final model is saved)."""
+        if not self.folder.is_dir():
+            return
+        for path in list(self.folder.iterdir()):
+            if path.name == "checkpoint.json" or path.name.startswith(("state-", ".state-", ".checkpoint.json")):
+                path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
+
+def _flatten_optimizer(state_dict: dict, prefix: str, tensors: dict) -> dict:
+    """Optimizer state dict -> JSON-able dict; its tensors go into ``tensors`` under ``prefix``."""
+    scalars = {}
+    for pid, pstate in state_dict["state"].items():
+        entry = {}
+        for key, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{prefix}/{pid}/{key}"] = value.detach().cpu().contiguous()
+                entry[key] = {"tensor": True}
+            else:
+                entry[key] = {"value": value}
+        scalars[str(pid)] = entry
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state_dict["param_groups"]]
+    return {"param_groups": groups, "state": scalars}
+
+
+def _unflatten_optimizer(meta: dict, prefix: str, tensors: dict) -> dict:
+    state = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {key: (tensors[f"{prefix}/{pid}/{key}"] if spec.get("tensor") else spec["value"])
+                           for key, spec in entry.items()}
+    groups = []
+    for g in meta["param_groups"]:
+        g = dict(g)
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+        groups.append(g)
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_state_to_json(state: dict) -> dict:
+    """numpy bit-generator state (nested dict of ints, maybe arrays) -> JSON (big ints as strings)."""
+    def conv(v):
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, np.ndarray):
+            return {"ndarray": v.tolist(), "dtype": str(v.dtype)}
+        if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+            return {"int": str(int(v))}
+        return v
+    return conv(state)
+
+
+def _rng_state_from_json(state):
+    if isinstance(state, dict):
+        if set(state) == {"int"}:
+            return int(state["int"])
+        if set(state) == {"ndarray", "dtype"}:
+            return np.asarray(state["ndarray"], dtype=state["dtype"])
+        return {k: _rng_state_from_json(v) for k, v in state.items()}
+    return state
+
+
+def optimizer_step(opt, loss, stage: str, step: int) -> float:
+    """One gradient step on ``loss``; returns its value, RuntimeError naming the stage if not finite."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise RuntimeError(f"{stage}: loss became {value} at step {step + 1}")
+    return value
+
+
+def most_common_phase(cases, default: str) -> str:
+    """The reference phase most cases share (ties: alphabetical, so runs are reproducible)."""
+    phases = [c.reference for c in cases]
+    return max(sorted(set(phases)), key=phases.count) if phases else default
+
+
+def first_difference(a, b, path: str = "") -> str | None:
+    """Dotted path of the first setting where two nested config dicts differ; None when equal."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in sorted(set(a) | set(b)):
+            d = first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if d:
+                return d
+        return None
+    return None if a == b else (path or "config")
+
+
+def open_run(out: Path, cfg: dict, resume: bool, init=None):
+    """Start or resume the training run in the model folder ``out`` -> ``(checkpointer, saved, init)``.
+
+    ``saved`` is the checkpoint to continue from (``--resume``) or None; ``init`` is the run's
+    ``--init`` model, taken from the checkpoint when resuming. Refuses, with one InputError and
+    nothing changed: a resume without a checkpoint or with other settings than the interrupted
+    run, and a fresh run over an interrupted run or a finished model.
+    """
+    out = Path(out)
+    ckpt = Checkpointer(out / "checkpoint", cfg["checkpoint_every"])
+    if not resume:
+        if ckpt.exists():
+            raise InputError(f"{out}: holds an interrupted training run; pass --resume to continue it, "
+                             f"or choose another --out")
+        if (out / "model.json").exists():
+            raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+        return ckpt, None, init
+    saved = ckpt.load()
+    if saved is None:
+        raise InputError(f"{out}: no checkpoint to resume from (train without --resume to start)")
+    diff = first_difference(saved.meta["extra"].get("config"), cfg)
+    if diff is not None:
+        raise InputError(f"{out}: --resume with different settings than the interrupted run ({diff!r} differs); "
+                         f"use the same command line")
+    return ckpt, saved, saved.meta["extra"].get("init")

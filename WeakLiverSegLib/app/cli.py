@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--mix", help="label mix, e.g. strong=0.3,box=0.6,test=0.1 "
                     "(keys: strong, box, couinaud, volume, unlabelled, test)")
     sp.add_argument("--preview", action="store_true", help="also write preview.png, a montage of cases")
+    sp.add_argument("--randomize", metavar="PRESET|JSON",
+                    help="domain randomisation: none (default), intensity, all, or a JSON object of knobs "
+                         "(synth/phantom.py Randomization), e.g. '{\"intensities\": true, \"arms\": 0.5}'")
     progress_arg(sp)
 
     sp = sub.add_parser("train", help="train a recipe on a weak-label store")
@@ -68,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     progress_arg(sp)
 
     sp = sub.add_parser("segment", help="segment one volume with a trained model")
-    sp.add_argument("--model", required=True, type=Path)
+    sp.add_argument("--model", type=Path,
+                    help="model folder (default: the shipped starter model, Resources/models/starter)")
     sp.add_argument("--input", required=True, action="append", metavar="[PHASE=]IMAGE_OR_DICOM_DIR",
                     help="image file or DICOM folder; repeat as PHASE=PATH for multi-phase models")
     sp.add_argument("--boxes", type=Path, help="JSON list of boxes (store format) for teacher models")
@@ -137,6 +141,17 @@ def _load_config(args) -> dict:
     return deep_update(cfg, parse_overrides(getattr(args, "set", [])))
 
 
+def _randomization_arg(text):
+    """--randomize: a preset name or a JSON object of knobs (None when not given)."""
+    if text is None or not text.strip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--randomize: not a preset name or valid JSON ({exc})") from None
+    return value
+
+
 def cmd_phantom(args, progress):
     from ..synth import phantom
 
@@ -150,6 +165,7 @@ def cmd_phantom(args, progress):
         "enhanced_contrast": args.enhanced_contrast,
         "healthy_fraction": args.healthy_fraction,
         "mix": args.mix,
+        "randomization": _randomization_arg(args.randomize),
     }.items() if v is not None}
     ds = phantom.generate_cohort(args.out, cases=args.cases, seed=args.seed, preview=args.preview,
                                  progress=progress, **kwargs)
@@ -238,6 +254,10 @@ def cmd_segment(args, progress):
     from ..learn.training import select_device
 
     device = select_device(args.device)
+    if args.model is None:
+        from ..learn.modelstore import default_model
+
+        args.model = default_model()
     model = load_model(args.model, device=device)
     recipe = recipes.get(model.recipe)
     paths = parse_inputs(args.input)

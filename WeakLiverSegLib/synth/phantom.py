@@ -20,7 +20,7 @@ patient's left (the liver sits at low i), y (j) posterior, z (k) superior.
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,14 +36,167 @@ PREVIEW_CASES = 4
 # Tissue classes of the internal map, and their HU in (enhanced, plain).
 AIR, FAT, MUSCLE, VFAT, BOWEL, CORTEX, MARROW, CANAL, DISC, RIB = range(10)
 AORTA, IVC, PORTAL, HEPATIC, LIVER, SPLEEN, KCORTEX, KMEDULLA, GALL = range(10, 19)
-GWALL, GFLUID, GGAS, LUNG = range(19, 23)
+GWALL, GFLUID, GGAS, LUNG, HEART, ARM_BONE, TABLE = range(19, 26)
 _HU = {
     AIR: (-1000, -1000), FAT: (-105, -105), MUSCLE: (55, 50), VFAT: (-95, -95), BOWEL: (45, 32),
     CORTEX: (750, 750), MARROW: (260, 250), CANAL: (20, 20), DISC: (85, 85), RIB: (520, 520),
     AORTA: (200, 42), IVC: (140, 38), PORTAL: (170, 40), HEPATIC: (150, 38), LIVER: (110, 55),
     SPLEEN: (120, 48), KCORTEX: (195, 33), KMEDULLA: (140, 30), GALL: (8, 8),
     GWALL: (70, 40), GFLUID: (12, 12), GGAS: (-950, -950), LUNG: (-850, -850),
+    HEART: (160, 40), ARM_BONE: (700, 700), TABLE: (150, 150),
 }
+
+
+# ----------------------------------------------------------------------------- domain randomisation
+
+# Per-tissue HU ranges of the CT phases a randomised case draws from (SynthSeg-style: every case
+# gets its own values inside these ranges).  Tissues not listed keep the table above (enhanced
+# column for contrast phases, plain column for "non-contrast").
+_PHASE_HU = {
+    "non-contrast": {LIVER: (25, 70), SPLEEN: (38, 55), AORTA: (30, 50), IVC: (28, 48), PORTAL: (30, 50),
+                     HEPATIC: (28, 48), KCORTEX: (25, 40), KMEDULLA: (22, 38), MUSCLE: (40, 60), BOWEL: (20, 45),
+                     GWALL: (25, 45), HEART: (30, 50)},
+    "arterial": {LIVER: (60, 90), SPLEEN: (80, 150), AORTA: (230, 400), IVC: (60, 120), PORTAL: (90, 170),
+                 HEPATIC: (40, 80), KCORTEX: (180, 300), KMEDULLA: (50, 100), MUSCLE: (45, 65), BOWEL: (40, 90),
+                 GWALL: (60, 110), HEART: (200, 350)},
+    "portal-venous": {LIVER: (95, 135), SPLEEN: (100, 135), AORTA: (140, 230), IVC: (110, 170), PORTAL: (140, 200),
+                      HEPATIC: (120, 180), KCORTEX: (150, 220), KMEDULLA: (120, 200), MUSCLE: (50, 70),
+                      BOWEL: (40, 80), GWALL: (60, 100), HEART: (130, 220)},
+    "delayed": {LIVER: (75, 105), SPLEEN: (75, 105), AORTA: (90, 140), IVC: (85, 135), PORTAL: (90, 135),
+                HEPATIC: (85, 135), KCORTEX: (100, 160), KMEDULLA: (110, 200), MUSCLE: (50, 70), BOWEL: (35, 70),
+                GWALL: (50, 90), HEART: (90, 140)},
+}
+PHASES = tuple(_PHASE_HU) + ("mr-like",)
+RANDOMIZATION_PRESETS = ("none", "intensity", "all")
+
+
+@dataclass(frozen=True)
+class Randomization:
+    """Domain-randomisation knobs of the phantom generator (SynthSeg-style).  The defaults (all off)
+    keep the generator exactly as it was: same random draws, byte-identical files.
+
+    Every draw of a knob comes from a stream of its own (spawned from the case's stream), so the
+    image-only knobs (``intensities``, ``bias_field``, ``noise_hu``, ``blur_mm``,
+    ``inplane_spacing_mm``) never change the label map, and a knob that is off draws nothing.
+
+    * ``intensities``: each case draws a phase from ``phases`` (non-contrast, arterial,
+      portal-venous, delayed: per-tissue HU ranges in ``_PHASE_HU``; "mr-like": every tissue an
+      independent value in [-150, 250] HU, fat and air included) and its per-tissue values in
+      it; the "enhanced" image gets that phase, the "plain" one a non-contrast draw.
+    * ``bias_field``: maximum relative amplitude of a smooth multiplicative field on (HU + 1000).
+    * ``noise_hu``: (lo, hi) Gaussian noise SD per case (replaces the cohort's ``noise``).
+    * ``blur_mm``: (lo, hi) point-spread SD in mm per case (replaces the fixed 0.9 mm).
+    * ``inplane_spacing_mm``: (lo, hi) simulated acquisition pixel size per case: the images are
+      synthesised on the cohort's grid (the working resolution), the PSF is at least 0.42 x this
+      pixel, and the drawn value is recorded in the case's ``params``.
+    * ``slice_thickness_mm``: (lo, hi) slice spacing per case, drawn log-uniformly (the grid's z
+      spacing changes; the number of slices follows, at most ``max_slices``).
+    * ``partial_fov``: probability that the slab covers only part of the abdomen (40-80 % of its
+      height, anywhere from below the liver to the lung bases and heart: the liver cut at the top
+      or bottom).  Thin slices with few ``max_slices`` also give partial coverage.
+    * ``patient_size``: (lo, hi) body size relative to the field of view (> 1: cut at the edges).
+    * ``arms``: probability of arms beside the body (and a scanner table under it).
+    * ``rotation_deg``: maximum in-plane rotation of the patient (uniform in +-).
+    * ``heart``: probability of a heart (blood pool + myocardium) above the liver dome.
+    * ``liver_shapes``: lobe proportions drawn widely (left lobe 0.3-1.6 x, right lobe 0.75-1.2 x),
+      a Riedel lobe (25 %), small nodular cirrhotic livers (15 %: shrunken right lobe, big caudate,
+      nodular surface), and an overall liver scale 0.8-1.15.
+    * ``tumours``: per tumour a kind -- hypodense (45 %), hyperdense (15 %), rim enhancing (15 %),
+      near-invisible (+-3-12 HU, 10 %), necrotic (15 %) -- and a radius drawn log-uniformly in the
+      cohort's ``tumor_radius_mm`` (the cohort's contrasts are then not used).
+    """
+
+    intensities: bool = False
+    phases: tuple = PHASES
+    bias_field: float = 0.0
+    noise_hu: tuple | None = None
+    blur_mm: tuple | None = None
+    inplane_spacing_mm: tuple | None = None
+    slice_thickness_mm: tuple | None = None
+    max_slices: int = 64
+    partial_fov: float = 0.0
+    patient_size: tuple | None = None
+    arms: float = 0.0
+    rotation_deg: float = 0.0
+    heart: float = 0.0
+    liver_shapes: bool = False
+    tumours: bool = False
+
+    @classmethod
+    def preset(cls, name: str) -> "Randomization":
+        """``none`` (today's phantoms), ``intensity`` (appearance only: intensities, bias, noise, blur),
+        ``all`` (every knob; the starter model's training set)."""
+        if name == "none":
+            return cls()
+        look = dict(intensities=True, bias_field=0.04, noise_hu=(2.0, 25.0), blur_mm=(0.5, 1.8),
+                    inplane_spacing_mm=(0.5, 1.0))
+        if name == "intensity":
+            return cls(**look)
+        if name == "all":
+            return cls(**look, slice_thickness_mm=(0.6, 5.0), partial_fov=0.5, patient_size=(0.8, 1.15),
+                       arms=0.5, rotation_deg=12.0, heart=0.7, liver_shapes=True, tumours=True)
+        raise InputError(f"phantom randomisation: unknown preset {name!r} (allowed: {', '.join(RANDOMIZATION_PRESETS)})")
+
+    @property
+    def active(self) -> bool:
+        return self != Randomization(phases=self.phases, max_slices=self.max_slices)
+
+    def check(self) -> "Randomization":
+        """Validated copy (InputError naming the knob)."""
+        def rng_pair(name, lo_min, hi_max):
+            v = getattr(self, name)
+            if v is None:
+                return None
+            try:
+                lo, hi = (float(x) for x in v)
+            except (TypeError, ValueError):
+                raise InputError(f"phantom randomisation {name}: expected (low, high), got {v!r}") from None
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo_min <= lo <= hi <= hi_max):
+                raise InputError(f"phantom randomisation {name}: expected {lo_min} <= low <= high <= {hi_max}, got {v!r}")
+            return (lo, hi)
+
+        out = dict(intensities=bool(self.intensities), liver_shapes=bool(self.liver_shapes), tumours=bool(self.tumours))
+        phases = tuple(self.phases)
+        if not phases or any(p not in PHASES for p in phases):
+            raise InputError(f"phantom randomisation phases: expected some of {list(PHASES)}, got {list(phases)}")
+        out["phases"] = phases
+        for name, lo, hi in (("noise_hu", 0, 500), ("blur_mm", 0, 20), ("inplane_spacing_mm", 0.05, 20),
+                             ("slice_thickness_mm", 0.1, 20), ("patient_size", 0.3, 3)):
+            out[name] = rng_pair(name, lo, hi)
+        for name in ("bias_field", "partial_fov", "arms", "heart"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise InputError(f"phantom randomisation {name}: expected a number in [0, 1], got {v!r}")
+            out[name] = float(v)
+        if isinstance(self.rotation_deg, bool) or not isinstance(self.rotation_deg, (int, float)) \
+                or not 0 <= self.rotation_deg <= 180:
+            raise InputError(f"phantom randomisation rotation_deg: expected 0..180, got {self.rotation_deg!r}")
+        out["rotation_deg"] = float(self.rotation_deg)
+        if not _is_whole(self.max_slices) or self.max_slices < 4:
+            raise InputError(f"phantom randomisation max_slices: expected an integer >= 4, got {self.max_slices!r}")
+        out["max_slices"] = int(self.max_slices)
+        return Randomization(**out)
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_value(cls, value) -> "Randomization":
+        """None / a preset name / a dict of knobs (unknown keys refused) / a Randomization -> checked knobs."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value.check()
+        if isinstance(value, str):
+            return cls.preset(value)
+        if isinstance(value, dict):
+            known = {f.name for f in fields(cls)}
+            bad = sorted(set(value) - known)
+            if bad:
+                raise InputError(f"phantom randomisation: unknown knob(s) {bad} (known: {sorted(known)})")
+            conv = {k: (tuple(v) if isinstance(v, list) else v) for k, v in value.items()}
+            return cls(**conv).check()
+        raise InputError(f"phantom randomisation: expected a preset name or a dict of knobs, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- label mix
@@ -102,7 +255,7 @@ def _largest_remainder(exact: dict, total: int) -> dict:
 
 def generate_cohort(out, cases=20, seed=0, shape=(96, 96, 48), spacing=(1.5, 1.5, 3.0), noise=10.0,
                     tumors=(0, 3), tumor_radius_mm=(4.0, 15.0), plain_contrast=-8.0, enhanced_contrast=-45.0,
-                    healthy_fraction=0.2, mix=DEFAULT_MIX, preview=False, progress=None):
+                    healthy_fraction=0.2, mix=DEFAULT_MIX, preview=False, progress=None, randomization=None):
     """Write a synthetic cohort to the new dataset folder ``out`` and return its ``Dataset``.
 
     Every case has both phases ("enhanced" = reference, "plain"), and truth {"mask",
@@ -115,6 +268,10 @@ def generate_cohort(out, cases=20, seed=0, shape=(96, 96, 48), spacing=(1.5, 1.5
     of two or more cases at least one tumour case) are assigned in a seeded shuffled order;
     pathological cases get ``tumors`` = (min, max) tumours (at least 1).  Contrasts are tumour
     minus liver HU.  The same arguments give byte-identical files.
+
+    ``randomization``: None / a preset name (``none``, ``intensity``, ``all``) / a dict of knobs /
+    a ``Randomization`` (see there).  When any knob is on, the knobs and every case's drawn values
+    (phase, noise, spacing, slab, ...) are written to ``randomization.json`` in the cohort folder.
     """
     from ..data.boxes import boxes_from_mask, liver_box_from_mask
     from ..data.store import Dataset
@@ -122,6 +279,8 @@ def generate_cohort(out, cases=20, seed=0, shape=(96, 96, 48), spacing=(1.5, 1.5
     params = _check_params(cases, seed, shape, spacing, noise, tumors, tumor_radius_mm, plain_contrast,
                            enhanced_contrast, healthy_fraction)
     mix = parse_mix(mix)
+    rz = Randomization.from_value(randomization)
+    drawn = {}
     streams = np.random.SeedSequence(params["seed"]).spawn(params["cases"] + 1)
     groups, healthy = _assign(np.random.default_rng(streams[0]), mix, params["cases"], params["healthy_fraction"])
     dataset = Dataset.create(out, name=f"phantom-seed{params['seed']}")
@@ -133,7 +292,8 @@ def generate_cohort(out, cases=20, seed=0, shape=(96, 96, 48), spacing=(1.5, 1.5
         rng = np.random.default_rng(streams[index + 1])
         n_tumors = 0 if is_healthy or hi == 0 else int(rng.integers(max(1, lo), hi + 1))
         vols = generate_case(rng, params["shape"], params["spacing"], params["noise"], n_tumors,
-                             params["tumor_radius_mm"], params["plain_contrast"], params["enhanced_contrast"])
+                             params["tumor_radius_mm"], params["plain_contrast"], params["enhanced_contrast"],
+                             randomization=rz)
         lab = vols["label"].array
         tumour = bool((lab == 2).any())       # a tiny liver may have had no room for a tumour
         couinaud = sorted(int(s) for s in np.unique(vols["couinaud_map"].array[lab == 2]))
@@ -152,6 +312,7 @@ def generate_cohort(out, cases=20, seed=0, shape=(96, 96, 48), spacing=(1.5, 1.5
             "test": {},
         }[group]
         case_id = f"case{index:03d}"
+        drawn[case_id] = vols.get("params", {})
         dataset.add_case(case_id, images={"enhanced": vols["enhanced"], "plain": vols["plain"]},
                          reference="enhanced", split="test" if group == "test" else "train",
                          truth={"mask": vols["label"], "couinaud_map": vols["couinaud_map"]}, **labels)
@@ -161,6 +322,10 @@ def generate_cohort(out, cases=20, seed=0, shape=(96, 96, 48), spacing=(1.5, 1.5
                           "boxes": [b for b in boxes if not b.is_2d] + ([liver_box] if liver_box else [])})
         if progress is not None:
             progress.update("phantom", index + 1, params["cases"])
+    if rz.active:
+        from ..learn.modelstore import write_json_atomic
+
+        write_json_atomic(Path(out) / "randomization.json", {"knobs": rz.to_dict(), "cases": drawn})
     if preview:
         from .preview import montage
 
@@ -264,14 +429,27 @@ def _check_params(cases, seed, shape, spacing, noise, tumors, tumor_radius_mm, p
 # ----------------------------------------------------------------------------- one case
 
 def generate_case(rng, shape=(96, 96, 48), spacing=(1.5, 1.5, 3.0), noise=10.0, n_tumors=1,
-                  tumor_radius_mm=(4.0, 15.0), plain_contrast=-8.0, enhanced_contrast=-45.0) -> dict:
+                  tumor_radius_mm=(4.0, 15.0), plain_contrast=-8.0, enhanced_contrast=-45.0,
+                  randomization=None) -> dict:
     """One synthetic case: {"enhanced", "plain"} int16 HU, {"label"} 0/1/2 and {"couinaud_map"} 0..8 uint8.
 
     ``shape`` is (nx, ny, nz) and ``spacing`` (sx, sy, sz) mm; contrasts are tumour minus liver HU
     (each tumour draws its own, 0.7-1.3 times the value).  ``n_tumors`` is how many are placed;
     fewer may fit in a small liver.  ``rng`` is a ``numpy.random.Generator``.
+    ``randomization`` (see ``Randomization``; None = off) adds domain randomisation; the values
+    drawn for the case are returned under ``"params"``.
     """
-    a = _Anatomy(rng, shape, spacing)
+    rz = Randomization.from_value(randomization)
+    knobs = None
+    params = {}
+    if rz.active:
+        # one stream per knob, spawned without touching ``rng``: a knob that is off draws nothing
+        names = [f.name for f in fields(Randomization)]
+        knobs = dict(zip(names, rng.spawn(len(names))))
+        shape, spacing, frame = _draw_geometry(rz, knobs, shape, spacing, params)
+    else:
+        frame = None
+    a = _Anatomy(rng, shape, spacing, frame=frame, rz=rz if rz.active else None, knobs=knobs)
     tissue, liver_env = a.tissue_map()
     label = a.liver_label(tissue, liver_env)
     couinaud = a.couinaud(label)
@@ -279,15 +457,105 @@ def generate_case(rng, shape=(96, 96, 48), spacing=(1.5, 1.5, 3.0), noise=10.0, 
     delta_p = np.zeros(label.shape, np.float32)
     a.add_tumours(label, tissue, couinaud, n_tumors, tumor_radius_mm, enhanced_contrast, plain_contrast,
                   delta_e, delta_p)
-    enhanced = a.render(tissue, delta_e, phase=0, noise=noise)
-    plain = a.render(tissue, delta_p, phase=1, noise=noise)
+    looks = (None, None)
+    if rz.active:
+        looks = _draw_looks(rz, knobs, a.spacing, noise, params)
+        params.update(a.drawn)
+    enhanced = a.render(tissue, delta_e, phase=0, noise=noise, look=looks[0])
+    plain = a.render(tissue, delta_p, phase=1, noise=noise, look=looks[1])
     geo = dict(spacing=a.spacing, origin=a.origin, direction=np.eye(3))
-    return {
+    out = {
         "enhanced": Volume(enhanced, **geo),
         "plain": Volume(plain, **geo),
         "label": Volume(label, **geo),
         "couinaud_map": Volume(couinaud, **geo),
     }
+    if rz.active:
+        out["params"] = params
+    return out
+
+
+def _loguniform(rng, lo, hi) -> float:
+    return float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def _draw_geometry(rz, knobs, shape, spacing, params):
+    """Grid (shape, spacing) and anatomical frame of a randomised case: slab, thickness, size, rotation."""
+    nx, ny, nz0 = shape
+    sx, sy, sz0 = spacing
+    Hz = nz0 * sz0 / 2                      # the nominal abdomen's half height, mm
+    sz = sz0
+    if rz.slice_thickness_mm is not None:
+        sz = _loguniform(knobs["slice_thickness_mm"], *rz.slice_thickness_mm)
+    height, z_centre = 2 * Hz, 0.0
+    partial = rz.partial_fov > 0 and knobs["partial_fov"].random() < rz.partial_fov
+    if partial:
+        height = float(knobs["partial_fov"].uniform(0.4, 0.8)) * 2 * Hz
+    nz = int(min(max(4, round(height / sz)), rz.max_slices if rz.active else nz0))
+    if rz.slice_thickness_mm is None and not partial:
+        nz = nz0
+    height = nz * sz
+    if partial:   # anywhere from below the liver to the lung bases / heart: the liver cut at top or bottom
+        lo, hi = -1.05 * Hz + height / 2, 1.45 * Hz - height / 2
+        z_centre = float(knobs["partial_fov"].uniform(lo, hi)) if hi > lo else 0.0
+    elif height < 2 * Hz - 1e-6:   # thin slices, capped slab: somewhere over the liver
+        z_centre = float(knobs["max_slices"].uniform(-0.45 * Hz, 0.75 * Hz))
+    size = 1.0
+    if rz.patient_size is not None:
+        size = float(knobs["patient_size"].uniform(*rz.patient_size))
+    angle = float(knobs["rotation_deg"].uniform(-rz.rotation_deg, rz.rotation_deg)) if rz.rotation_deg else 0.0
+    params.update(slice_mm=round(sz, 3), slices=nz, slab_centre_mm=round(z_centre, 1), partial_fov=partial,
+                  patient_size=round(size, 3), rotation_deg=round(angle, 2))
+    frame = {"H": (nx * sx / 2 * size, ny * sy / 2 * size, Hz), "z_centre": z_centre, "angle": angle}
+    return (nx, ny, nz), (sx, sy, sz), frame
+
+
+def _phase_lut(rng, phase) -> np.ndarray:
+    """Per-tissue HU of one case in a drawn phase."""
+    col = 1 if phase == "non-contrast" else 0
+    lut = np.array([_HU[c][col] for c in range(len(_HU))], np.float32)
+    if phase == "mr-like":
+        keep = {AIR, GGAS, LUNG}
+        for c in range(len(_HU)):
+            if c not in keep:
+                lut[c] = rng.uniform(-150, 250)
+        return lut
+    for c, (lo, hi) in _PHASE_HU[phase].items():
+        lut[c] = rng.uniform(lo, hi)
+    lut[FAT] = lut[VFAT] = rng.uniform(-120, -70)
+    return lut
+
+
+def _draw_looks(rz, knobs, spacing, noise, params):
+    """Appearance of the two images of a randomised case: LUT, bias, blur, noise."""
+    looks = [{}, {}]
+    if rz.intensities:
+        r = knobs["intensities"]
+        phase = str(r.choice(list(rz.phases)))
+        looks[0]["lut"] = _phase_lut(r, phase)
+        looks[1]["lut"] = _phase_lut(r, "non-contrast" if phase != "mr-like" else "mr-like")
+        params["phase"] = phase
+    acq = None
+    if rz.inplane_spacing_mm is not None:
+        acq = float(knobs["inplane_spacing_mm"].uniform(*rz.inplane_spacing_mm))
+        params["acquired_pixel_mm"] = round(acq, 3)
+    if rz.blur_mm is not None or acq is not None:
+        b = float(knobs["blur_mm"].uniform(*rz.blur_mm)) if rz.blur_mm is not None else 0.9
+        b_xy = max(b, 0.42 * acq) if acq is not None else b
+        b_z = max(b, 0.42 * spacing[2]) if rz.blur_mm is not None else b
+        for look in looks:
+            look["blur_mm"] = (b_z, b_xy, b_xy)
+        params["blur_mm"] = [round(b_z, 3), round(b_xy, 3)]
+    if rz.noise_hu is not None:
+        n = float(knobs["noise_hu"].uniform(*rz.noise_hu))
+        for look in looks:
+            look["noise"] = n
+        params["noise_hu"] = round(n, 2)
+    if rz.bias_field > 0:
+        r = knobs["bias_field"]
+        for look in looks:
+            look["bias"] = (float(r.uniform(0, rz.bias_field)), np.random.default_rng(r.integers(2 ** 63)))
+    return looks
 
 
 def _smooth_field(rng, coords, modes, freq, amp):
@@ -312,18 +580,27 @@ def _direction(theta_deg):
 class _Anatomy:
     """Random anatomy of one case in deformed millimetre coordinates X, Y, Z (full 3D arrays)."""
 
-    def __init__(self, rng, shape, spacing):
+    def __init__(self, rng, shape, spacing, frame=None, rz=None, knobs=None):
         self.rng = rng
+        self.rz, self.knobs, self.drawn = rz, knobs, {}
         self.nx, self.ny, self.nz = (int(n) for n in shape)
         self.spacing = tuple(float(s) for s in spacing)
         sx, sy, sz = self.spacing
         self.origin = tuple(-(n - 1) / 2 * s for n, s in zip((self.nx, self.ny, self.nz), self.spacing))
         self.H = (self.nx * sx / 2, self.ny * sy / 2, self.nz * sz / 2)   # half extents, mm
+        if frame is not None:       # randomised: the anatomy's frame differs from the grid (size, slab)
+            self.H = tuple(float(h) for h in frame["H"])
         Hx, Hy, Hz = self.H
         self.S = min(Hx, Hy)                                             # in-plane size unit, mm
         x = ((np.arange(self.nx) - (self.nx - 1) / 2) * sx).astype(np.float32)[None, None, :]
         y = ((np.arange(self.ny) - (self.ny - 1) / 2) * sy).astype(np.float32)[None, :, None]
         z = ((np.arange(self.nz) - (self.nz - 1) / 2) * sz).astype(np.float32)[:, None, None]
+        if frame is not None:
+            z = z + np.float32(frame["z_centre"])
+            if frame["angle"]:
+                c, s_ = (np.float32(v) for v in (math.cos(math.radians(frame["angle"])),
+                                                  math.sin(math.radians(frame["angle"]))))
+                x, y = c * x + s_ * y, -s_ * x + c * y
         self.norm = (x / np.float32(Hx), y / np.float32(Hy), z / np.float32(Hz))
         # One smooth deformation moves every organ together, so anatomy varies case to case
         # while vessels, planes and organs stay consistent with each other.
@@ -366,7 +643,7 @@ class _Anatomy:
 
         # Body: ellipse flattened at the back (super-ellipse), subcutaneous fat, muscle wall.
         a, b, cy = u(0.86, 0.93) * Hx, u(0.64, 0.72) * Hy, u(-0.02, 0.04) * Hy
-        self.cy = cy
+        self.cy, self.body_ab = cy, (a, b)
         p = np.where(Y > cy, np.float32(2.8), np.float32(2.0))
         rho = (np.abs(X / np.float32(a)) ** p + np.abs((Y - np.float32(cy)) / np.float32(b)) ** p) ** (1 / p)
         tf, tm = u(0.06, 0.14), 0.085
@@ -409,8 +686,15 @@ class _Anatomy:
         cR, sR = jitter((-0.40 * Hx, cy + 0.02 * Hy, 0.22 * Hz), (0.36 * Hx, 0.46 * Hy, 0.62 * Hz))
         cM, sM = jitter((-0.14 * Hx, cy - 0.12 * Hy, 0.32 * Hz), (0.22 * Hx, 0.28 * Hy, 0.42 * Hz))
         cL, sL = jitter((0.02 * Hx, cy - 0.27 * Hy, 0.42 * Hz), (0.27 * Hx, 0.17 * Hy, 0.30 * Hz))
+        extra = None
+        if self.rz is not None and self.rz.liver_shapes:
+            (cR, sR), (cM, sM), (cL, sL), extra = self._vary_liver(cR, sR, cM, sM, cL, sL)
         F = np.maximum(np.maximum(1 - self.ell(cR, sR), 1 - self.ell(cM, sM)), 1 - self.ell(cL, sL))
+        if extra is not None:
+            F = np.maximum(F, 1 - self.ell(*extra["riedel"])) if extra.get("riedel") else F
         F += _smooth_field(rng, self.norm, 5, (3.0, 6.0), 0.08)
+        if extra is not None and extra.get("nodular"):
+            F += _smooth_field(self.knobs["liver_shapes"], self.norm, 8, (14.0, 26.0), extra["nodular"])
         inner_liver = rho < (1 - tf - tm) * 0.98
         liver_env = (F > 0) & inner_liver
         self.liver_top = cR[2] + 0.8 * sR[2]
@@ -425,6 +709,8 @@ class _Anatomy:
         T[spleen] = SPLEEN
         lung &= self.ell(cS, sS) > 1.4
         T[lung & ~liver_env] = LUNG
+        if self.rz is not None and self.rz.heart > 0 and self.knobs["heart"].random() < self.rz.heart:
+            self._heart(T, liver_env, inner)
 
         # Kidneys: posterior, the right one lower (pushed down by the liver).
         for side, zc in ((-1, u(-0.55, -0.4)), (1, u(-0.42, -0.28))):
@@ -480,7 +766,68 @@ class _Anatomy:
         T[(self.ell2(ao, (0.07 * S, 0.07 * S)) < 1) & inner] = AORTA
         self._spine(T, vb, wall)
         self._ribs(T, rho, tf, tm, body)
+        if self.rz is not None and self.rz.arms > 0 and self.knobs["arms"].random() < self.rz.arms:
+            self._arms_and_table(T)
         return T, liver_env
+
+    # -- randomised anatomy (Randomization knobs; each draws from its own stream)
+    def _vary_liver(self, cR, sR, cM, sM, cL, sL):
+        """Lobe proportions, Riedel lobe, small nodular cirrhotic liver, overall scale."""
+        r = self.knobs["liver_shapes"]
+        Hx, Hy, Hz = self.H
+        scale = r.uniform(0.8, 1.15)
+        kR, kM, kL = r.uniform(0.75, 1.2), r.uniform(0.8, 1.25), r.uniform(0.3, 1.6)
+        cirrhotic = r.random() < 0.15
+        if cirrhotic:     # shrunken right lobe, hypertrophic caudate / left lobe, nodular surface
+            scale, kR, kM, kL = r.uniform(0.65, 0.85), r.uniform(0.6, 0.8), r.uniform(1.0, 1.3), r.uniform(0.9, 1.4)
+        extra = {"nodular": float(r.uniform(0.04, 0.1)) if cirrhotic else 0.0, "riedel": None,
+                 "cirrhotic": bool(cirrhotic)}
+        hinge = np.array(cM)
+
+        def place(c, sz, k):
+            c = hinge + (np.array(c) - hinge) * scale * (0.5 + 0.5 * k)
+            return tuple(c), tuple(np.array(sz) * scale * k)
+
+        cR, sR = place(cR, sR, kR)
+        cM, sM = place(cM, sM, kM)
+        cL, sL = place(cL, sL, kL)
+        if not cirrhotic and r.random() < 0.25:   # Riedel lobe: a tongue of the right lobe reaching down
+            c = (cR[0] + r.uniform(-0.05, 0.05) * Hx, cR[1] - r.uniform(0.0, 0.1) * Hy, cR[2] - r.uniform(0.5, 0.8) * sR[2])
+            extra["riedel"] = (c, (r.uniform(0.12, 0.2) * Hx, r.uniform(0.15, 0.25) * Hy, r.uniform(0.35, 0.55) * Hz))
+        self.drawn["liver"] = {"scale": round(float(scale), 3), "right": round(float(kR), 3),
+                               "medial": round(float(kM), 3), "left": round(float(kL), 3),
+                               "riedel": extra["riedel"] is not None, "cirrhotic": bool(cirrhotic)}
+        return (cR, sR), (cM, sM), (cL, sL), extra
+
+    def _heart(self, T, liver_env, inner):
+        """Heart over the liver dome (left-anterior): myocardium around a blood pool."""
+        r = self.knobs["heart"]
+        Hx, Hy, Hz = self.H
+        c = (r.uniform(0.02, 0.15) * Hx, self.cy - r.uniform(0.05, 0.2) * Hy, self.liver_top + r.uniform(0.25, 0.4) * Hz)
+        sz = (r.uniform(0.3, 0.4) * Hx, r.uniform(0.3, 0.4) * Hy, r.uniform(0.3, 0.4) * Hz)
+        e = self.ell(c, sz)
+        free = inner & ~liver_env & (T != CORTEX) & (T != MARROW)
+        T[(e < 1) & free] = MUSCLE
+        T[(e < 0.55) & free] = HEART
+        self.drawn["heart"] = True
+
+    def _arms_and_table(self, T):
+        """Arms at the sides of the body (fat, muscle, bone) and a scanner table under the back."""
+        r = self.knobs["arms"]
+        a, b = self.body_ab
+        S = self.S
+        air = T == AIR
+        for side in (-1, 1):
+            rad = r.uniform(0.12, 0.18) * S
+            c = (side * (a + r.uniform(0.03, 0.2) * S + rad), self.cy + r.uniform(-0.15, 0.25) * b)
+            e = self.ell2(c, (rad, rad * r.uniform(0.9, 1.2)))
+            T[(e < 1) & air] = FAT
+            T[(e < 0.65) & air] = MUSCLE
+            T[(e < 0.05) & air] = ARM_BONE
+            T[(e < 0.02) & air] = MARROW
+        y0 = self.cy + b + r.uniform(0.01, 0.06) * self.H[1]
+        T[(self.Y > y0) & (self.Y < y0 + 0.035 * S) & air] = TABLE
+        self.drawn["arms"] = True
 
     def _spine(self, T, vb, wall):
         S, X, Y, Z, Hz = self.S, self.X, self.Y, self.Z, self.H[2]
@@ -560,8 +907,9 @@ class _Anatomy:
             if inside.any():
                 depth[crop] += ndimage.distance_transform_edt(inside, sampling=(sz, sy, sx)) * inside
         placed = []   # (centre mm (z, y, x), radius mm)
+        kinds = self.knobs["tumours"] if self.rz is not None and self.rz.tumours else None
         for _ in range(int(n)):
-            r = float(rng.uniform(*radius_mm))
+            r = float(rng.uniform(*radius_mm)) if kinds is None else _loguniform(kinds, *radius_mm)
             if depth.max() < 0.8 * r:   # small liver: shrink the tumour to fit
                 r = float(depth.max()) / 0.8 * 0.9
             if r < 1.2 * min(self.spacing):
@@ -615,19 +963,42 @@ class _Anatomy:
         if not inside.any():
             return
         core = np.clip(1 - rho / 0.55, 0, 1)
-        necrosis = u(0.2, 0.7) if r > 7 and rng.random() < 0.5 else 0.0
-        de = c_e * u(0.7, 1.3) * (1 + necrosis * core)
-        if rng.random() < 0.3:                                  # peripheral (rim) enhancement
-            de = de + u(12, 30) * ((rho > 0.75) & (rho < 1))
-        dp = c_p * u(0.7, 1.3) * (1 + 0.3 * necrosis * core)
+        if self.rz is not None and self.rz.tumours:
+            de, dp = self._tumour_contrast(rho, core)
+        else:
+            necrosis = u(0.2, 0.7) if r > 7 and rng.random() < 0.5 else 0.0
+            de = c_e * u(0.7, 1.3) * (1 + necrosis * core)
+            if rng.random() < 0.3:                                  # peripheral (rim) enhancement
+                de = de + u(12, 30) * ((rho > 0.75) & (rho < 1))
+            dp = c_p * u(0.7, 1.3) * (1 + 0.3 * necrosis * core)
         delta_e[sl] = np.where(inside, de, delta_e[sl])
         delta_p[sl] = np.where(inside, dp, delta_p[sl])
         label[sl][inside] = 2
         T[sl][inside] = LIVER          # the tumour displaces vessels inside it
 
+    def _tumour_contrast(self, rho, core):
+        """Randomised tumour look (HU relative to the liver) in the enhanced and plain images."""
+        r = self.knobs["tumours"]
+        kind = str(r.choice(["hypo", "hyper", "rim", "faint", "necrotic"], p=[0.45, 0.15, 0.15, 0.1, 0.15]))
+        rim = ((rho > 0.7) & (rho < 1)).astype(np.float32)
+        if kind == "hypo":
+            de = -r.uniform(15, 70) + 0 * core
+        elif kind == "hyper":
+            de = r.uniform(15, 60) + 0 * core
+        elif kind == "rim":
+            de = -r.uniform(10, 50) + r.uniform(30, 80) * rim
+        elif kind == "faint":
+            de = r.choice([-1, 1]) * r.uniform(3, 12) + 0 * core
+        else:
+            de = -r.uniform(15, 40) * (1 + r.uniform(0.5, 1.5) * core)
+        dp = de * r.uniform(0.15, 0.6)
+        self.drawn.setdefault("tumours", []).append(kind)
+        return np.asarray(de, np.float32), np.asarray(dp, np.float32)
+
     # -- images
-    def render(self, T, delta, phase, noise):
+    def render(self, T, delta, phase, noise, look=None):
         rng, u = self.rng, self.u
+        look = look or {}
         lut = np.array([_HU[c][phase] for c in range(len(_HU))], np.float32)
         # Per-case enhancement varies like in real scans.
         if phase == 0:
@@ -635,13 +1006,20 @@ class _Anatomy:
             lut[HEPATIC] = u(130, 165); lut[SPLEEN] = u(110, 130)
         else:
             lut[LIVER] = u(50, 62); lut[SPLEEN] = u(42, 52)
+        if "lut" in look:
+            lut = look["lut"]
+        noise = look.get("noise", noise)
         img = lut[T]
         tissue = T != AIR
         img += np.where(tissue, _smooth_field(rng, self.norm, 6, (6.0, 14.0), 4.0)
                         + _smooth_field(rng, self.norm, 3, (0.5, 1.5), 6.0), 0).astype(np.float32)  # texture + shading
         img += np.where(T == BOWEL, _smooth_field(rng, self.norm, 6, (10.0, 20.0), 15.0), 0).astype(np.float32)
         img += delta
-        sigma = [0.9 / s for s in self.spacing[::-1]]   # about 0.9 mm point-spread, in voxels (z, y, x)
+        if "bias" in look:      # smooth multiplicative field on the attenuation (HU + 1000)
+            amp, brng = look["bias"]
+            img = (img + 1000) * (1 + _smooth_field(brng, self.norm, 3, (0.5, 1.5), amp)) - 1000
+        blur = look.get("blur_mm", (0.9, 0.9, 0.9))     # point-spread SD in mm (z, y, x)
+        sigma = [b / s for b, s in zip(blur, self.spacing[::-1])]   # in voxels (z, y, x)
         img = ndimage.gaussian_filter(img, sigma=sigma, mode="nearest")
         if noise > 0:
             img += rng.standard_normal(img.shape, dtype=np.float32) * np.float32(noise)

@@ -1,6 +1,7 @@
 """O2L teacher on real CT: tumour pseudo-labels of 3D-IRCADb from per-slice boxes (not collected by pytest).
 
     python Testing/experiments/o2l_real.py --out DIR --target p17 --strong p01 [--synthetic 12] [--set k=v ...]
+                                           [--init MODEL]   (fine-tune, e.g. from Resources/models/starter)
 
 The teacher trains on the strong cases: ``--strong`` IRCADb patients (CT + expert mask) plus
 ``--synthetic`` phantom cases with masks.  The target patient enters the store as a weak case: its
@@ -91,6 +92,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--init", default=None, help="start from this model (train --init), e.g. the starter")
     ap.add_argument("--split-z", type=int, default=None,
                     help="development mode: slices of --target below this index are the strong case, the rest "
                          "the weak one (use with p01 only)")
@@ -113,7 +115,7 @@ def main():
     else:
         ds = (build_split_store(out / "store", a.target, a.synthetic, a.seed, a.split_z) if a.split_z is not None
               else build_store(out / "store", a.strong, a.target, a.synthetic, a.seed))
-        o2l.train(ds, out / "model", cfg, a.device, Progress("bar"))
+        o2l.train(ds, out / "model", cfg, a.device, Progress("bar"), init=a.init)
     model = load_model(out / "model")
     cfg = model.meta["training"]["config"]
     if a.split_z is not None:
@@ -128,7 +130,7 @@ def main():
     tumour = truth == 2
     result = {
         "command": "python " + " ".join(sys.argv),
-        "target": a.target, "strong": a.strong, "synthetic_strong_cases": a.synthetic, "config": cfg,
+        "target": a.target, "strong": a.strong, "init": a.init, "synthetic_strong_cases": a.synthetic, "config": cfg,
         "tumour_boxes": len(case.boxes),
         "tumour_dice_box_fill": round(dice(box_mask(truth.shape, case.boxes), tumour), 4),
         "train_seconds": model.meta["training"]["seconds"].get("total"),   # as recorded when it was trained

@@ -172,3 +172,26 @@ def models_dir() -> Path:
         return Path(env).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache).expanduser() / "weakliverseg" / "models"
+
+
+# The starter model shipped with the extension (issue 15): trained only on domain-randomised
+# phantoms, used by ``weakliverseg segment`` without ``--model`` and by the Slicer "Segment"
+# button when no model is selected.  ``$WLS_STARTER_MODEL`` points elsewhere (tests, packagers).
+STARTER_MODEL = "starter"
+
+
+def starter_model_dir() -> Path:
+    """Folder of the shipped starter model: ``$WLS_STARTER_MODEL``, else ``Resources/models/starter``
+    next to the package (the repository root, or the installed extension's share folder)."""
+    env = os.environ.get("WLS_STARTER_MODEL")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "Resources" / "models" / STARTER_MODEL
+
+
+def default_model() -> Path:
+    """The starter model folder, or ModelError saying that none is installed."""
+    path = starter_model_dir()
+    if not (path / "model.json").is_file():
+        raise ModelError(f"{path}: no model given (--model) and the starter model is not installed there")
+    return path

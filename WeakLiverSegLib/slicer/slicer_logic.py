@@ -722,9 +722,9 @@ class WeakLiverSegLogic:
 
     def build_segment_command(self, model, inputs, out, probabilities=None, uncertainty=None, boxes=None,
                               device="auto") -> list:
-        """argv of ``weakliverseg segment``; ``inputs`` is one path or ``{phase: path}``."""
-        if not model:
-            raise InputError("model folder: choose a trained model")
+        """argv of ``weakliverseg segment``; ``inputs`` is one path or ``{phase: path}``; no ``model``:
+        the shipped starter model (``default_model_folder``)."""
+        model = model or self.default_model_folder()
         argv = self._cli() + ["segment", "--model", str(model)]
         if isinstance(inputs, dict):
             for phase, path in inputs.items():
@@ -795,6 +795,18 @@ class WeakLiverSegLogic:
         self.pending_model_folder = Path(out) if finetune_from else None
         return runner
 
+    @staticmethod
+    def default_model_folder() -> Path:
+        """The model "Segment" uses when none is selected: the starter model shipped with the
+        extension (``Resources/models/starter``, trained only on randomised phantoms); InputError
+        when it is not installed."""
+        from ..learn.modelstore import starter_model_dir
+
+        path = starter_model_dir()
+        if not (path / "model.json").is_file():
+            raise InputError("model folder: choose a trained model (the starter model is not installed)")
+        return path
+
     def segment_inputs(self, model, volumes: dict) -> dict:
         """Which selected volumes the model reads: ``{phase: node}`` (its inference phases)."""
         from ..learn.modelstore import read_meta
@@ -822,8 +834,7 @@ class WeakLiverSegLogic:
         from . import slicer_bridge as bridge
         from ..data.imageio import write_image
 
-        if not model:
-            raise InputError("model folder: choose a trained model")
+        model = model or self.default_model_folder()
         if not volumes:
             raise InputError("input volume: select a volume first")
         chosen = self.segment_inputs(model, volumes)

@@ -323,9 +323,10 @@ def generate_cohort(out, cases=20, seed=0, shape=(96, 96, 48), spacing=(1.5, 1.5
         if progress is not None:
             progress.update("phantom", index + 1, params["cases"])
     if rz.active:
-        from ..learn.modelstore import write_json_atomic
+        import json
 
-        write_json_atomic(Path(out) / "randomization.json", {"knobs": rz.to_dict(), "cases": drawn})
+        Path(out, "randomization.json").write_text(json.dumps({"knobs": rz.to_dict(), "cases": drawn}, indent=1) + "\n",
+                                                   encoding="utf-8")
     if preview:
         from .preview import montage
 

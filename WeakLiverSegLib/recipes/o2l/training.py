@@ -94,6 +94,8 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     """Teacher on the strong set -> soft pseudo-labels of the weak set -> student; writes the model folder."""
     t_start = time.monotonic()
     out = Path(out)
+    if init is not None:
+        config = _init_input_settings(init, config)
     cfg = resolve_config(config)
     ckpt_folder, saved, init = open_run(out, cfg, resume, init)
     strong, weak, val, skipped = _select_cases(dataset, cfg, progress)
@@ -120,14 +122,21 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
                 if role == "student":   # keep the requested variant's localization branch choice
                     kw["localization"] = kwargs["student"]["localization"]
                 kwargs[role] = kw
+    if init_model is not None and "teacher" not in init_model.networks and "student" in init_model.networks:
+        # a student-only model (the shipped starter): the teacher starts from the same backbone
+        kwargs["teacher"] = dict(kwargs["student"], attention=cfg["teacher"]["attention"], localization=False)
     nets = {role: BoxAttentionUNet2D(**kwargs[role]) for role in ("teacher", "student")}
     if init_model is not None:
         for role, net in nets.items():
-            if role in init_model.networks:
-                # the localization branch may be added or dropped by the new variant; nothing else may differ
-                missing, unexpected = net.load_state_dict(init_model.networks[role].state_dict(), strict=False)
-                if any(not k.startswith("loc.") for k in list(missing) + list(unexpected)):
-                    raise InputError(f"{init}: network {role!r} does not fit the requested architecture")
+            source = role if role in init_model.networks else "student" if role == "teacher" else None
+            if source is None or source not in init_model.networks:
+                continue
+            # the localization branch may be added or dropped by the new variant, and a teacher taken
+            # from a student gets fresh box attention; nothing else may differ
+            missing, unexpected = net.load_state_dict(init_model.networks[source].state_dict(), strict=False)
+            allowed = ("loc.",) if source == role else ("loc.", "attn.")
+            if any(not k.startswith(allowed) for k in list(missing) + list(unexpected)):
+                raise InputError(f"{init}: network {source!r} does not fit the requested architecture")
     dev = _device(device)
     for net in nets.values():
         net.to(dev).to(memory_format=torch.channels_last)
@@ -262,6 +271,22 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     save_model(out, meta, networks)
     ckpt_folder.clear()
     return out
+
+
+def _init_input_settings(init, config) -> dict:
+    """The user's config with the --init model's input settings (working spacing, HU window, context,
+    channels) filled in where the user set none, so ``train --init <starter>`` needs no ``--set``."""
+    from ...learn.modelstore import read_meta
+
+    meta = read_meta(init)
+    inp, config = meta.get("input", {}), dict(config or {})
+    trained = meta.get("training", {}).get("config", {})
+    fill = {"spacing_mm": (inp.get("spacing_mm") or [None])[0], "hu_window": inp.get("hu_window"),
+            "context": inp.get("context_slices"), "channels": trained.get("channels")}
+    for key, value in fill.items():
+        if key not in config and value is not None:
+            config[key] = value
+    return config
 
 
 def _validate(model, dataset, val, cfg, device, progress) -> dict:

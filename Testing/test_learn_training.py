@@ -153,3 +153,25 @@ def test_restore_into_other_architecture_is_a_clear_error(tmp_path):
     other = torch.nn.Linear(3, 3)
     with pytest.raises(InputError, match="does not fit this training run"):
         ck.restore(ck.load(), {"n": other})
+
+
+def test_recalibrate_batchnorm_averages_the_statistics_of_training_batches():
+    from WeakLiverSegLib.learn.training import recalibrate_batchnorm
+
+    class Batches:
+        def __init__(self):
+            self.rng = np.random.default_rng(0)
+
+        def sample(self):
+            x = torch.from_numpy(self.rng.normal(5.0, 2.0, (4, 1, 6, 6)).astype(np.float32))
+            return {"image": x, "boxes": torch.zeros(4, 2, 6, 6)}
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1, bias=False), torch.nn.BatchNorm2d(1))
+    torch.nn.init.ones_(net[0].weight)
+    net[1].running_mean.fill_(-100.0)       # stale statistics, as after training on shifting data
+    recalibrate_batchnorm(net, Batches(), 20)
+    assert not net.training and net[1].momentum == 0.1
+    assert net[1].running_mean.item() == pytest.approx(5.0, abs=0.2)
+    assert net[1].running_var.item() == pytest.approx(4.0, rel=0.15)
+    recalibrate_batchnorm(net, Batches(), 0)   # 0 batches: nothing changes
+    assert net[1].running_mean.item() == pytest.approx(5.0, abs=0.2)

@@ -453,6 +453,8 @@ def test_ablation_variants_and_config_errors(tiny_store, tmp_path):
     meta = json.loads((o2l.train(tiny_store, tmp_path / "f", full, "cpu", None) / "model.json").read_text())
     assert set(meta["networks"]) == {"student"}               # no teacher needed for the upper bound
     assert meta["training"]["data"]["weak"] == ["c2", "c3"]
+    with pytest.raises(InputError, match="bn_recalibration"):
+        o2l.resolve_config({"student": {"bn_recalibration": -1}})
     with pytest.raises(InputError, match="teacher.attention"):
         o2l.train(tiny_store, tmp_path / "x", {"teacher": {"attention": "soft"}}, "cpu", None)
     with pytest.raises(InputError, match="unknown setting"):

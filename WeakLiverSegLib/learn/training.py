@@ -395,3 +395,37 @@ def open_run(out: Path, cfg: dict, resume: bool, init=None):
         raise InputError(f"{out}: --resume with different settings than the interrupted run ({diff!r} differs); "
                          f"use the same command line")
     return ckpt, saved, saved.meta["extra"].get("init")
+
+
+def recalibrate_batchnorm(net, sampler, batches: int, device="cpu", progress=None, stage="bn-recalibration") -> None:
+    """Re-estimate every BatchNorm's running mean / variance as the plain average over ``batches``
+    training batches (train-mode forward passes, no gradient), then leave ``net`` in eval mode.
+
+    After training on very heterogeneous images (the domain-randomised phantoms: every case its
+    own contrast) the exponential running statistics can be far from what the final weights see:
+    the starter model's student, in eval mode, found almost no liver on its own training cases
+    while the same weights with batch statistics found it (Dice 0.003 vs 0.89); re-estimated
+    statistics gave 0.89 (8 slices of one training case, at step 350).
+    """
+    import torch
+
+    bns = [m for m in net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns or batches <= 0:
+        return
+    dev = torch.device(device if device is not None else "cpu")
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None          # cumulative average
+    net.train()
+    with torch.no_grad():
+        for n in range(int(batches)):
+            check_cancelled(progress)
+            batch = sampler.sample()
+            x = batch["image"].to(dev).contiguous(memory_format=torch.channels_last)
+            net(x, batch["boxes"].to(dev)) if getattr(net, "needs_boxes", False) else net(x)
+            if progress is not None:
+                progress.update(stage, n + 1, int(batches))
+    for m, mom in zip(bns, momenta):
+        m.momentum = mom
+    net.eval()

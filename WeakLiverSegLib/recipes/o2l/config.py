@@ -52,6 +52,7 @@ DEFAULTS = {
         "dice_weight": 1.0,                      # + weight x soft Dice loss (see the module docstring)
         "loc_weight": 1.0,                       # alpha of Eq. 4
         "loc_class_weights": [0.1, 0.1, 1.0],    # background, liver box, lesion box
+        "bn_recalibration": 0,   # batches to re-estimate the batch-norm statistics after training (0 = off)
     },
 }
 
@@ -101,6 +102,9 @@ def _check_config(cfg: dict) -> None:
     lw = s["loc_class_weights"]
     if not (isinstance(lw, list) and len(lw) == N_CLASSES and all(_number(w) and w >= 0 for w in lw)):
         raise InputError(f"{where}: student.loc_class_weights needs {N_CLASSES} numbers >= 0 (background, liver, lesion)")
+    br = s["bn_recalibration"]
+    if not isinstance(br, int) or isinstance(br, bool) or br < 0:
+        raise InputError(f"{where}: student.bn_recalibration must be an integer >= 0 (batches), got {br!r}")
     if not _number(s["loc_weight"]) or s["loc_weight"] < 0:
         raise InputError(f"{where}: student.loc_weight must be a number >= 0, got {s['loc_weight']!r}")
 

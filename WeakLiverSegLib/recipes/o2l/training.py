@@ -17,7 +17,7 @@ from ...errors import InputError
 from ...learn.modelstore import LoadedModel, load_model, save_model
 from ...learn.networks.unet2d import BoxAttentionUNet2D
 from ...learn.slices import N_CLASSES, Sampler
-from ...learn.training import (check_cancelled, lr_at, make_optimizer, most_common_phase, open_run, optimizer_step,
+from ...learn.training import (check_cancelled, lr_at, recalibrate_batchnorm, make_optimizer, most_common_phase, open_run, optimizer_step,
                                set_lr, soft_cross_entropy)
 from .config import LABELS, NAME, NETWORK_CLASS, PHASES, RECIPE_VERSION, needs_teacher, resolve_config
 from .data import _prepare, _read_image, mask_boxes, store_boxes
@@ -231,6 +231,11 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
                  cfg["student"]["steps"], step0 if stage0 == "student" else 0, ckpt_folder, state, progress, device,
                  with_loc=variant == "mixed_loc")
     state["seconds"]["student"] = round(state["seconds"].get("student", 0) + time.monotonic() - t0, 2)
+    if cfg["student"]["bn_recalibration"]:
+        t0 = time.monotonic()
+        recalibrate_batchnorm(nets["student"], sampler(student_cases), cfg["student"]["bn_recalibration"], device,
+                              progress)
+        state["seconds"]["bn_recalibration"] = round(time.monotonic() - t0, 2)
 
     # -- save the model, then validate
     networks = {"student": (NETWORK_CLASS, kwargs["student"], nets["student"].eval())}

@@ -63,13 +63,14 @@ def test_segment_without_model_and_without_starter_is_a_clear_error(monkeypatch,
 def test_slicer_logic_segments_with_the_starter_when_no_model_is_selected(no_env, monkeypatch, tmp_path):
     from WeakLiverSegLib.slicer.slicer_logic import WeakLiverSegLogic
 
-    assert WeakLiverSegLogic.default_model_folder() == STARTER
+    assert WeakLiverSegLogic.default_model_folder() == STARTER and WeakLiverSegLogic.has_default_model()
     argv = WeakLiverSegLogic.build_segment_command(WeakLiverSegLogic.__new__(WeakLiverSegLogic), None,
                                                    "ct.nii", "out.nii.gz")
     assert argv[argv.index("--model") + 1] == str(STARTER)
     monkeypatch.setenv("WLS_STARTER_MODEL", str(tmp_path / "nowhere"))
     with pytest.raises(InputError, match="choose a trained model"):
         WeakLiverSegLogic.default_model_folder()
+    assert not WeakLiverSegLogic.has_default_model()
 
 
 def test_o2l_fine_tunes_from_the_starter_without_settings(no_env, tmp_path):

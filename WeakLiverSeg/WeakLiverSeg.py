@@ -261,7 +261,9 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.addCaseButton.enabled = bool(not busy and p.inputVolume and dataset and p.caseId.strip())
         self.ui.trainButton.enabled = bool(not busy and dataset and model)
         self.ui.fineTuneButton.enabled = bool(not busy and dataset and hasModel)
-        self.ui.segmentButton.enabled = bool(not busy and p.inputVolume and hasModel)
+        # no model selected: "Segment" uses the starter model shipped with the extension
+        canSegment = hasModel or (not model and self.logic.has_default_model())
+        self.ui.segmentButton.enabled = bool(not busy and p.inputVolume and canSegment)
         self.ui.cancelButton.enabled = busy
         self._refreshBoxList()
 

@@ -807,6 +807,13 @@ class WeakLiverSegLogic:
             raise InputError("model folder: choose a trained model (the starter model is not installed)")
         return path
 
+    @staticmethod
+    def has_default_model() -> bool:
+        """Whether the starter model is installed (the panel enables "Segment" without a model then)."""
+        from ..learn.modelstore import starter_model_dir
+
+        return (starter_model_dir() / "model.json").is_file()
+
     def segment_inputs(self, model, volumes: dict) -> dict:
         """Which selected volumes the model reads: ``{phase: node}`` (its inference phases)."""
         from ..learn.modelstore import read_meta

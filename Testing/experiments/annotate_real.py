@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT))
 
 from WeakLiverSegLib.annotate.annotators import load_annotator  # noqa: E402
 from WeakLiverSegLib.annotate.propagate import PropagationSettings  # noqa: E402
-from WeakLiverSegLib.boxes import Box  # noqa: E402
-from WeakLiverSegLib.imageio import read_image  # noqa: E402
+from WeakLiverSegLib.data.boxes import Box  # noqa: E402
+from WeakLiverSegLib.data.imageio import read_image  # noqa: E402
 
 
 def _grow(lo, hi, mm_lo, mm_hi, spacing, shape_xyz):

@@ -78,6 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
     device_arg(sp)
     progress_arg(sp)
 
+    sp = sub.add_parser("annotate", help="turn boxes into a label map with a box annotator (LiteMedSAM by default)")
+    sp.add_argument("--input", type=Path, metavar="IMAGE_OR_DICOM_DIR", help="the image the boxes were drawn on")
+    sp.add_argument("--boxes", type=Path, help="boxes JSON (store format: a list, or {\"boxes\": [...], \"liver_box\": {...}})")
+    sp.add_argument("--out", type=Path, help="label map: .nii.gz, .nii, .nrrd or .seg.nrrd (1 liver, 2 tumour)")
+    sp.add_argument("--annotator", default="litemedsam",
+                    help="litemedsam (default, pretrained), fill (box filling), fused (litemedsam + --teacher), "
+                         "or a model folder (fine-tuned LiteMedSAM, or a trained model whose teacher annotates)")
+    sp.add_argument("--teacher", type=Path, help="trained model folder whose teacher is fused with LiteMedSAM")
+    sp.add_argument("--serve", action="store_true",
+                    help="stay loaded: read one JSON request a line on stdin ({\"id\", \"input\", \"boxes\" or "
+                         "\"boxes_file\", \"out\"}), answer with jsonl events (the Slicer module's warm worker)")
+    device_arg(sp)
+    progress_arg(sp)
+
     sp = sub.add_parser("evaluate", help="score predictions against truth, write metrics.json")
     sp.add_argument("--pred", required=True, type=Path, help="label map file or folder")
     sp.add_argument("--truth", required=True, type=Path, help="label map file, folder or dataset folder")
@@ -211,24 +225,13 @@ def parse_inputs(items) -> dict:
 
 
 def read_boxes_json(path, reference) -> list:
-    from ..data.boxes import Box
-
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: boxes file not found") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if isinstance(raw, dict):
-        raw = list(raw.get("boxes", [])) + ([raw["liver_box"]] if raw.get("liver_box") else [])
-    if not isinstance(raw, list):
-        raise InputError(f"{path}: expected a list of boxes")
-    boxes = []
-    for n, item in enumerate(raw):
-        box = Box.from_json(item, where=f"{path} [{n}]")
-        box.validate(reference, where=f"{path} [{n}]")
-        boxes.append(box)
-    return boxes
+    return parse_boxes(raw, reference, str(path))
 
 
 def cmd_segment(args, progress):
@@ -269,6 +272,92 @@ def cmd_segment(args, progress):
         print(f"segmentation written to {args.out}")
 
 
+def cmd_annotate(args, progress):
+    from ..annotate.annotators import load_annotator
+    from ..learn.training import select_device
+    from .. import recipes
+
+    if not args.serve:
+        missing = [f"--{k}" for k in ("input", "boxes", "out") if getattr(args, k) is None]
+        if missing:
+            raise InputError(f"annotate: {', '.join(missing)} required (or --serve)")
+    device = select_device(args.device)
+    annotator = load_annotator(args.annotator, device=device, teacher=args.teacher, recipe_lookup=recipes.get)
+    if args.serve:
+        return _serve_annotations(annotator, progress)
+    written = _annotate_once(annotator, args.input, args.boxes, args.out, progress)
+    progress.done(**written)
+    if progress.mode != "jsonl":
+        print(f"labels written to {args.out} ({written['seconds']} s)")
+
+
+def _annotate_once(annotator, input_path, boxes, out, progress, image_cache=None) -> dict:
+    """Read, annotate, write; ``boxes`` a JSON file or an already parsed list. Nothing is written on error."""
+    from ..data.imageio import check_finite, read_image, write_label_map
+
+    input_path = Path(input_path)
+    key = (str(input_path.resolve()), input_path.stat().st_mtime_ns if input_path.exists() else None)
+    if image_cache is not None and image_cache.get("key") == key:
+        image = image_cache["image"]
+    else:
+        image = read_image(input_path)
+        check_finite(image, where=str(input_path))
+        if image_cache is not None:
+            image_cache.update(key=key, image=image)
+    box_list = read_boxes_json(boxes, image) if not isinstance(boxes, list) else parse_boxes(boxes, image, "boxes")
+    kwargs = {"image_key": key} if hasattr(annotator, "predictor") else {}
+    result = annotator.annotate(image, box_list, progress, **kwargs)
+    write_label_map(result.labels, out)
+    return {"labels": str(out), "seconds": round(result.seconds, 2), "encoded_slices": result.encoded_slices,
+            "boxes": result.per_box}
+
+
+def _serve_annotations(annotator, progress):
+    """The warm worker: one request a line on stdin until EOF; a bad request answers an error event."""
+    cache: dict = {}
+    progress.log(f"annotator {annotator.name} ready")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        rid = None
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise InputError("request: expected a JSON object")
+            rid = req.get("id")
+            for key in ("input", "out"):
+                if not req.get(key):
+                    raise InputError(f"request {rid}: field {key!r} missing")
+            boxes = req.get("boxes") if req.get("boxes") is not None else req.get("boxes_file")
+            if boxes is None:
+                raise InputError(f"request {rid}: give boxes (a list) or boxes_file")
+            written = _annotate_once(annotator, req["input"], boxes, Path(req["out"]), progress, cache)
+            progress.done(id=rid, **written)
+        except json.JSONDecodeError as exc:
+            progress.error(f"request: not valid JSON ({exc})")
+        except InputError as exc:
+            progress.error(str(exc).replace("\n", " "), id=rid)
+        except Exception as exc:  # noqa: BLE001 - one failed request must not end the warm worker
+            progress.error(f"internal error: {type(exc).__name__}: {exc}", id=rid)
+            traceback.print_exc()
+
+
+def parse_boxes(raw, reference, where) -> list:
+    """Store-format boxes (a list, or {"boxes": [...], "liver_box": {...}}) -> validated ``Box`` list."""
+    from ..data.boxes import Box
+
+    if isinstance(raw, dict):
+        raw = list(raw.get("boxes", [])) + ([raw["liver_box"]] if raw.get("liver_box") else [])
+    if not isinstance(raw, list):
+        raise InputError(f"{where}: expected a list of boxes")
+    boxes = []
+    for n, item in enumerate(raw):
+        box = Box.from_json(item, where=f"{where} [{n}]")
+        box.validate(reference, where=f"{where} [{n}]")
+        boxes.append(box)
+    return boxes
+
+
 def cmd_evaluate(args, progress):
     from ..evaluation.evaluate import evaluate, format_table, parse_labels, write_metrics
 
@@ -303,6 +392,7 @@ def cmd_bench(args, progress):
 
 
 COMMANDS = {"phantom": cmd_phantom, "train": cmd_train, "pseudo": cmd_pseudo, "segment": cmd_segment,
+            "annotate": cmd_annotate,
             "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench}
 
 

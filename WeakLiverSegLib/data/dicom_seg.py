@@ -250,6 +250,8 @@ def source_datasets(files, where) -> list:
     except Exception as exc:
         raise InputError(f"{where}: cannot read the DICOM series with pydicom ({_first_line(exc)})") from None
     for ds in datasets:
+        if "SpecificCharacterSet" in ds and not ds.SpecificCharacterSet:
+            del ds.SpecificCharacterSet  # empty (dcmqi's test CT): the default repertoire, as the standard says
         meta = getattr(ds, "file_meta", None)
         for key, meta_key in (("SOPClassUID", "MediaStorageSOPClassUID"), ("SOPInstanceUID", "MediaStorageSOPInstanceUID")):
             if not str(ds.get(key, "") or "") and meta is not None and str(meta.get(meta_key, "") or ""):

@@ -113,6 +113,8 @@ class WeakLiverSegParameterNode:
     outputUncertainty: bool = False
     estimateCouinaud: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
+    exportFormat: Annotated[str, Choice(list(slicer_logic.EXPORT_FORMATS))] = "nnunet"
+    exportIncludePseudo: bool = False
     tumourTable: vtkMRMLTableNode
 
 
@@ -182,6 +184,8 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.connect("clicked(bool)", self.onFineTune)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
         self.ui.segmentButton.connect("clicked(bool)", self.onSegment)
+        self.ui.exportButton.connect("clicked(bool)", self.onExport)
+        self.ui.saveDicomSegButton.connect("clicked(bool)", self.onSaveDicomSeg)
 
         self.initializeParameterNode()
         missing = slicer_logic.missing_dependencies()
@@ -263,6 +267,9 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.enabled = bool(not busy and dataset and hasModel)
         self.ui.segmentButton.enabled = bool(not busy and p.inputVolume and hasModel)
         self.ui.cancelButton.enabled = busy
+        self.ui.exportButton.enabled = bool(not busy and dataset and (hasModel or not p.exportIncludePseudo))
+        self.ui.saveDicomSegButton.enabled = bool(not busy and self.logic.can_save_dicom_seg(
+            p.outputSegmentation or p.maskSegmentation, p.inputVolume))
         self._refreshBoxList()
 
     def _refreshBoxList(self):
@@ -391,6 +398,34 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                                       overwrite=overwrite)
             self.ui.datasetPathLineEdit.addCurrentPathToHistory()
             self._startedJob("Adding the case")
+
+    def onExport(self):
+        p = self._parameterNode
+        if not self._ensureDependencies("all" if p.exportIncludePseudo else "annotate", self.onExport):
+            return
+        out = qt.QFileDialog.getExistingDirectory(slicer.util.mainWindow(), "Export into a new (empty) folder")
+        if not out:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot export the dataset.", waitCursor=True):
+            model = _folder(p.modelFolder) if p.exportIncludePseudo else None
+            self.logic.start_export(_folder(p.datasetFolder), p.exportFormat, out, include_pseudo=model, device=p.device)
+            self._startedJob(f"Exporting ({p.exportFormat})")
+
+    def onSaveDicomSeg(self):
+        if not self._ensureDependencies("dicom", self.onSaveDicomSeg):
+            return
+        p = self._parameterNode
+        segmentation = p.outputSegmentation or p.maskSegmentation
+        out = qt.QFileDialog.getSaveFileName(slicer.util.mainWindow(), "Save as DICOM SEG",
+                                             f"{segmentation.GetName()}.dcm", "DICOM SEG (*.dcm)")
+        if not out:
+            return
+        with slicer.util.tryWithErrorDisplay("Cannot save the DICOM SEG.", waitCursor=True):
+            automatic = segmentation is p.outputSegmentation  # the Segment result; else edited by hand
+            recipe = self.logic.recipe_of_model(_folder(p.modelFolder)) if automatic else None
+            self.logic.start_save_dicom_seg(segmentation, p.inputVolume, out,
+                                            algorithm_type="AUTOMATIC" if automatic else "MANUAL", recipe=recipe)
+            self._startedJob("Saving the DICOM SEG")
 
     # ------------------------------------------------------------------ background jobs
 

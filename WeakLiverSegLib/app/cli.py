@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--input", required=True, action="append", metavar="[PHASE=]IMAGE_OR_DICOM_DIR",
                     help="image file or DICOM folder; repeat as PHASE=PATH for multi-phase models")
     sp.add_argument("--boxes", type=Path, help="JSON list of boxes (store format) for teacher models")
-    sp.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nii, .nrrd or .seg.nrrd")
+    sp.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nii, .nrrd, .seg.nrrd, or .dcm (DICOM SEG; needs a DICOM series --input)")
     sp.add_argument("--probabilities", type=Path, help="also write the tumour probability map here")
     sp.add_argument("--uncertainty", type=Path, help="also write the predictive-entropy map here")
     device_arg(sp)
@@ -112,6 +112,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, type=Path)
     sp.add_argument("--which", default="all", help="comma list of benchmarks (default all)")
     device_arg(sp)
+    progress_arg(sp, default="none")
+
+    sp = sub.add_parser("export", help="write a store as an nnU-Net v2, MSD (MONAI) or plain NIfTI dataset")
+    sp.add_argument("--dataset", required=True, type=Path, help="weak-label store to export")
+    sp.add_argument("--format", required=True, choices=("nnunet", "msd", "nifti"))
+    sp.add_argument("--out", required=True, type=Path, help="new folder (nnU-Net: nnUNet_raw/DatasetNNN_Name)")
+    sp.add_argument("--include-pseudo", type=Path, metavar="MODEL",
+                    help="give weak-only cases this model's teacher pseudo-labels (marked pseudo in the export)")
+    sp.add_argument("--phases", help="comma list of phases to export, in channel order (default: those all cases have)")
+    device_arg(sp)
+    progress_arg(sp)
+
+    sp = sub.add_parser("import", help="read an nnU-Net v2 raw dataset or an MSD-style folder into a new store")
+    sp.add_argument("--source", required=True, type=Path, help="folder with dataset.json (nnU-Net or MSD)")
+    sp.add_argument("--out", required=True, type=Path, help="new weak-label store")
+    sp.add_argument("--format", choices=("auto", "nnunet", "msd"), default="auto")
+    sp.add_argument("--name", help="dataset name (default: the source's)")
+    progress_arg(sp)
+
+    sp = sub.add_parser("dicomseg", help="write a label map (pseudo-label, store mask) as a DICOM SEG of its CT series")
+    sp.add_argument("--labels", required=True, type=Path, help="label map (0/1/2) on the grid of the series")
+    sp.add_argument("--dicom", required=True, type=Path, help="the source CT DICOM series folder")
+    sp.add_argument("--out", required=True, type=Path, help="DICOM SEG file (.dcm)")
+    sp.add_argument("--algorithm-type", choices=("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"), default="SEMIAUTOMATIC",
+                    help="AUTOMATIC (a model alone), SEMIAUTOMATIC (box-derived, the default), MANUAL (expert mask)")
+    sp.add_argument("--recipe", help="recipe that made the labels (recorded in the algorithm identification)")
+    progress_arg(sp, default="none")
+
+    sp = sub.add_parser("add-case", help="add one case (image(s), optional mask: NIfTI, .seg.nrrd or DICOM SEG) to a store")
+    sp.add_argument("--dataset", required=True, type=Path, help="weak-label store (created if absent)")
+    sp.add_argument("--case", required=True, help="case id")
+    sp.add_argument("--image", required=True, action="append", metavar="[PHASE=]IMAGE_OR_DICOM_DIR")
+    sp.add_argument("--mask", type=Path, help="label map of the first image: NIfTI / NRRD / .seg.nrrd / DICOM SEG")
+    sp.add_argument("--boxes", type=Path, help="JSON list of boxes (store format)")
+    sp.add_argument("--split", choices=("train", "val", "test"), default="train")
+    sp.add_argument("--overwrite", action="store_true")
     progress_arg(sp, default="none")
     return p
 
@@ -254,8 +290,15 @@ def cmd_segment(args, progress):
         check_finite(vol, where=str(paths.get(phase, paths.get(None))))
         check_same_grid(ref, vol, where=f"--input {phase}")
     boxes = read_boxes_json(args.boxes, ref) if args.boxes else None
+    dicom_source = _dicom_seg_source(args.out, paths)
     result = recipe.segment(model, images, boxes=boxes, device=device, progress=progress)
-    write_label_map(result.labels, args.out)
+    if dicom_source is not None:
+        from ..data.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(result.labels, args.out, dicom_source, recipe=model.recipe, model_name=Path(args.model).name,
+                        algorithm_type="SEMIAUTOMATIC" if boxes else "AUTOMATIC")
+    else:
+        write_label_map(result.labels, args.out)
     written = {"labels": str(args.out)}
     if args.probabilities:
         if result.probabilities is None:
@@ -356,6 +399,77 @@ def parse_boxes(raw, reference, where) -> list:
         box.validate(reference, where=f"{where} [{n}]")
         boxes.append(box)
     return boxes
+def _dicom_seg_source(out, paths) -> Path | None:
+    """The DICOM series a ``segment --out FILE.dcm`` refers to (the first input), else None."""
+    if Path(out).suffix.lower() != ".dcm":
+        return None
+    source = next(iter(paths.values()))
+    if not Path(source).is_dir():
+        raise InputError(f"--out {out}: a DICOM SEG needs a DICOM series as the (first) --input; {source} is a file "
+                         "(write .nii.gz or .seg.nrrd instead)")
+    return Path(source)
+
+
+def cmd_export(args, progress):
+    from .exchange import run_export
+    from ..learn.training import select_device
+
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else None
+    device = select_device(args.device) if args.include_pseudo else "cpu"
+    summary = run_export(args.dataset, args.out, args.format, include_pseudo=args.include_pseudo, phases=phases,
+                         device=device, progress=progress)
+    sources = list(summary["label_sources"].values())
+    progress.done(out=str(args.out), training=summary["training"], validation=summary["validation"],
+                  test=summary["test"], expert=sources.count("expert"), pseudo=sources.count("pseudo"),
+                  skipped=len(summary["skipped"]))
+    if progress.mode != "jsonl":
+        print(f"exported {summary['training']} training, {summary['validation']} validation, {summary['test']} test "
+              f"cases ({sources.count('expert')} expert, {sources.count('pseudo')} pseudo labels; "
+              f"{len(summary['skipped'])} skipped) to {args.out} ({args.format})")
+
+
+def cmd_import(args, progress):
+    from ..data.exchange import import_dataset
+
+    summary = import_dataset(args.source, args.out, name=args.name,
+                             fmt=None if args.format == "auto" else args.format, progress=progress)
+    progress.done(**summary)
+    if progress.mode != "jsonl":
+        extra = f"; {len(summary['pseudo_not_imported'])} pseudo-labels left out" if summary["pseudo_not_imported"] else ""
+        print(f"imported {summary['cases']} cases ({summary['masks']} masks) from {args.source} ({summary['format']}) "
+              f"into {args.out}{extra}")
+
+
+def cmd_dicomseg(args, progress):
+    from ..data.dicom_seg import write_dicom_seg
+    from ..data.imageio import read_label_map
+
+    write_dicom_seg(read_label_map(args.labels), args.out, args.dicom, recipe=args.recipe,
+                    algorithm_type=args.algorithm_type)
+    progress.done(out=str(args.out))
+    if progress.mode != "jsonl":
+        print(f"DICOM SEG written to {args.out}")
+
+
+def cmd_add_case(args, progress):
+    from ..data.imageio import check_finite, read_image, read_label_map
+    from ..data.store import Dataset
+
+    paths = parse_inputs(args.image)
+    images = {(phase or "ct"): read_image(path) for phase, path in paths.items()}
+    for phase, volume in images.items():
+        check_finite(volume, where=str(paths.get(phase, paths.get(None))))
+    reference = next(iter(images.values()))
+    mask = read_label_map(args.mask, reference=reference) if args.mask else None
+    boxes = read_boxes_json(args.boxes, reference) if args.boxes else ()
+    if args.dataset.exists() and (args.dataset / "dataset.json").exists():
+        dataset = Dataset.load(args.dataset)
+    else:
+        dataset = Dataset.create(args.dataset)
+    case = dataset.add_case(args.case, images, mask=mask, boxes=boxes, split=args.split, overwrite=args.overwrite)
+    progress.done(dataset=str(args.dataset), case=case.id)
+    if progress.mode != "jsonl":
+        print(f"case {case.id} added to {args.dataset}")
 
 
 def cmd_evaluate(args, progress):
@@ -393,7 +507,8 @@ def cmd_bench(args, progress):
 
 COMMANDS = {"phantom": cmd_phantom, "train": cmd_train, "pseudo": cmd_pseudo, "segment": cmd_segment,
             "annotate": cmd_annotate,
-            "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench}
+            "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export,
+            "import": cmd_import, "dicomseg": cmd_dicomseg, "add-case": cmd_add_case}
 
 
 def main(argv=None) -> int:

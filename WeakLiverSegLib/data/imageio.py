@@ -40,6 +40,8 @@ def read_image(path) -> Volume:
         raise InputError(f"{path}: image file not found")
     if path.is_dir():
         return read_dicom_series(path)
+    if path.suffix.lower() in ("", ".dcm") and _is_dicom_seg(path):
+        raise InputError(f"{path}: is a DICOM SEG (a segmentation), not an image; give it where a mask or label map is expected")
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(str(path))
@@ -273,18 +275,26 @@ def write_image(volume: Volume, path, compress: bool = True) -> Path:
 def write_label_map(volume: Volume, path, segments=None) -> Path:
     """Write a label map as uint8: Slicer ``.seg.nrrd`` or NIfTI / NRRD / MHA by extension."""
     label_map = _as_label_map(volume, path)
+    if Path(path).suffix.lower() == ".dcm":
+        raise InputError(f"{path}: a DICOM SEG needs its source DICOM series; write it with data.dicom_seg.write_dicom_seg "
+                         "(weakliverseg segment --input DICOM_DIR --out FILE.dcm, or weakliverseg dicomseg)")
     if Path(path).name.endswith(SEG_NRRD_SUFFIX):
         return write_seg_nrrd(label_map, path, segments)
     return write_image(label_map, path)
 
 
-def read_label_map(path) -> Volume:
+def read_label_map(path, reference: Volume | None = None) -> Volume:
     """Read a label map in the WeakLiverSeg convention (uint8: 0 background, 1 liver, 2 tumour).
 
     A ``.seg.nrrd`` is mapped segment by segment (terminology, then name: "Liver" -> 1,
-    "Liver tumor" -> 2; the tumour wins where segments overlap); any other file is read as is
-    and must hold only integer values 0..255.
+    "Liver tumor" -> 2; the tumour wins where segments overlap); so is a DICOM SEG
+    (``dicom_seg.read_dicom_seg``; with ``reference``, its frames are placed on that image's
+    grid); any other file is read as is and must hold only integer values 0..255.
     """
+    if Path(path).suffix.lower() in ("", ".dcm") and _is_dicom_seg(path):
+        from .dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(path, reference=reference)
     if Path(path).name.endswith(SEG_NRRD_SUFFIX):
         from .terminology import style_for_segment
 
@@ -447,6 +457,12 @@ def read_seg_nrrd(path):
 
 
 # ----------------------------------------------------------------------------------- helpers
+
+
+def _is_dicom_seg(path) -> bool:
+    from .dicom_seg import is_dicom_seg
+
+    return is_dicom_seg(path)
 
 
 def _temp_name(path: Path) -> Path:

@@ -91,6 +91,15 @@ def inside_slicer_app() -> bool:
     return module is not None and getattr(module, "app", None) is not None
 
 
+def dicom_database():
+    """Slicer's DICOM database (``fileForInstance(uid)``), or None outside Slicer / when closed."""
+    try:
+        import slicer
+    except ImportError:
+        return None
+    return getattr(slicer, "dicomDatabase", None)
+
+
 def python_executable() -> str:
     """The Python that runs ``python -m WeakLiverSegLib`` (the CLI) in a child process.
 

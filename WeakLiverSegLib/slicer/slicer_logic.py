@@ -37,12 +37,17 @@ DEPENDENCIES = (
     ("slicerio", "slicerio>=1.1"),
     ("nrrd", "pynrrd>=1.0"),
     ("PIL", "Pillow>=10"),
+    ("highdicom", "highdicom>=0.28"),
 )
 
 # What annotation needs ("Add box", the box list, "Add case"): the boxes, the store, image I/O and
 # the MRML bridge.  A radiologist can label with these alone, before the multi-GB torch + MONAI install.
 ANNOTATION_DEPENDENCIES = ("numpy", "scipy", "SimpleITK", "slicerio", "nrrd")
+DICOM_SEG_DEPENDENCIES = ANNOTATION_DEPENDENCIES + ("highdicom",)   # "Save as DICOM SEG" (pulls pydicom)
 TORCH_FLOOR = (2, 4)   # = DEPENDENCIES' "torch>=2.4"
+
+EXPORT_FORMATS = ("nnunet", "msd", "nifti")               # weakliverseg export --format
+DICOM_UIDS_ATTRIBUTE = "DICOM.instanceUIDs"                # set by Slicer's DICOM loader on its volumes
 
 ONE_PHASE_RECIPES = ("o2l", "couinaud", "acol", "sdnet")   # o2l first: the default
 TWO_PHASE_RECIPES = ("wsts",)                              # enhanced teacher, non-enhanced student
@@ -57,12 +62,13 @@ def missing_dependencies(purpose: str = "all") -> list:
     """``[(import name, pip requirement), ...]`` of the packages this Python lacks (nothing imported).
 
     ``purpose``: ``"all"`` (train / segment) or ``"annotate"`` (boxes, box list, "Add case": only
-    ``ANNOTATION_DEPENDENCIES``).
+    ``ANNOTATION_DEPENDENCIES``) or ``"dicom"`` ("Save as DICOM SEG": those and highdicom).
     """
-    if purpose not in ("all", "annotate"):
-        raise ValueError(f"purpose must be 'all' or 'annotate', not {purpose!r}")
+    if purpose not in ("all", "annotate", "dicom"):
+        raise ValueError(f"purpose must be 'all', 'annotate' or 'dicom', not {purpose!r}")
     importlib.invalidate_caches()  # see packages pip-installed a moment ago
-    wanted = DEPENDENCIES if purpose == "all" else [d for d in DEPENDENCIES if d[0] in ANNOTATION_DEPENDENCIES]
+    light = ANNOTATION_DEPENDENCIES if purpose == "annotate" else DICOM_SEG_DEPENDENCIES
+    wanted = DEPENDENCIES if purpose == "all" else [d for d in DEPENDENCIES if d[0] in light]
     return [(name, req) for name, req in wanted if importlib.util.find_spec(name) is None]
 
 
@@ -741,6 +747,112 @@ class WeakLiverSegLogic:
         argv += ["--device", str(device or "auto"), "--progress", "jsonl"]
         return argv
 
+    def build_export_command(self, dataset, fmt, out, include_pseudo=None, device="auto") -> list:
+        """argv of ``weakliverseg export`` (nnU-Net / MSD / NIfTI) for the background process."""
+        if not dataset:
+            raise InputError("dataset folder: choose the dataset to export")
+        if fmt not in EXPORT_FORMATS:
+            raise InputError(f"export format {fmt!r} is not one of {list(EXPORT_FORMATS)}")
+        if not out:
+            raise InputError("export folder: choose a new (or empty) folder to export into")
+        from ..data.exchange import check_target
+
+        check_target(out)  # refused here, before a process starts
+        argv = self._cli() + ["export", "--dataset", str(dataset), "--format", fmt, "--out", str(out)]
+        if include_pseudo:
+            argv += ["--include-pseudo", str(include_pseudo), "--device", str(device or "auto")]
+        return argv + ["--progress", "jsonl"]
+
+    def start_export(self, dataset, fmt, out, include_pseudo=None, device="auto") -> BackgroundRunner:
+        """The "Export" button: the store as an nnU-Net / MSD / NIfTI dataset, in the background;
+        ``include_pseudo``: a model folder whose teacher labels the weak-only cases."""
+        return self._start(self.build_export_command(dataset, fmt, out, include_pseudo, device), "export")
+
+    @staticmethod
+    def dicom_source_files(volume_node, database=None) -> list | None:
+        """The DICOM files a volume node was loaded from (Slicer's DICOM module records their SOP
+        Instance UIDs in ``DICOM.instanceUIDs``), or None when it did not come from DICOM.
+        ``database``: anything with ``fileForInstance(uid)`` (default ``slicer.dicomDatabase``)."""
+        uids = (volume_node.GetAttribute(DICOM_UIDS_ATTRIBUTE) or "").split() if volume_node is not None else []
+        if not uids:
+            return None
+        if database is None:
+            from .slicer_bridge import dicom_database
+
+            database = dicom_database()
+        if database is None:
+            raise InputError("the DICOM database is not open: load the study from the DICOM module")
+        files = [database.fileForInstance(uid) for uid in uids]
+        missing = [uid for uid, f in zip(uids, files) if not f or not Path(f).is_file()]
+        if missing:
+            raise InputError(f"{len(missing)} of the {len(uids)} DICOM files of {volume_node.GetName()} are not in the "
+                             f"DICOM database any more (e.g. {missing[0]})")
+        return [str(f) for f in files]
+
+    def can_save_dicom_seg(self, segmentation, volume_node) -> bool:
+        """"Save as DICOM SEG" is offered for a segmentation of a volume that came from DICOM."""
+        return bool(segmentation is not None and volume_node is not None
+                    and (volume_node.GetAttribute(DICOM_UIDS_ATTRIBUTE) or "").strip())
+
+    @staticmethod
+    def recipe_of_model(model_folder) -> str | None:
+        """The recipe in a model folder's model.json (for the SEG's algorithm identification)."""
+        import json
+
+        try:
+            return str(json.loads((Path(model_folder) / "model.json").read_text(encoding="utf-8"))["recipe"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def prepare_dicom_seg(self, segmentation, volume_node, out, algorithm_type="MANUAL", recipe=None,
+                          database=None) -> tuple:
+        """The MRML part of "Save as DICOM SEG" (GUI thread): the segmentation as a 0/1/2 map on the
+        volume's grid and the volume's DICOM files, in a temporary folder; returns ``(argv, workdir)``
+        of ``weakliverseg dicomseg``."""
+        from . import slicer_bridge as bridge
+        from ..data.imageio import write_image
+
+        if not out or Path(str(out)).suffix.lower() != ".dcm":
+            raise InputError(f"DICOM SEG file: choose a file name ending in .dcm (got {out!r})")
+        files = self.dicom_source_files(volume_node, database)
+        if files is None:
+            raise InputError(f"{volume_node.GetName() if volume_node else 'the volume'} was not loaded from DICOM: "
+                             "a DICOM SEG must reference its DICOM series (save as .seg.nrrd instead)")
+        mask = bridge.segmentation_to_mask(segmentation, volume_node, scene=self.scene)
+        if mask is None:
+            raise InputError(f"{segmentation.GetName()}: has no Liver or Liver tumor segment to save")
+        workdir = Path(tempfile.mkdtemp(prefix="weakliverseg-seg-"))
+        try:
+            series = workdir / "dicom"
+            series.mkdir()
+            for n, f in enumerate(files):
+                target = series / f"{n:05d}.dcm"
+                try:
+                    os.link(f, target)  # same file system: no copy
+                except OSError:
+                    shutil.copyfile(f, target)
+            labels = write_image(mask, workdir / "labels.nrrd")  # NRRD: the geometry in double precision
+            argv = self._cli() + ["dicomseg", "--labels", str(labels), "--dicom", str(series), "--out", str(out),
+                                  "--algorithm-type", algorithm_type, "--progress", "jsonl"]
+            if recipe:
+                argv += ["--recipe", str(recipe)]
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        return argv, workdir
+
+    def start_save_dicom_seg(self, segmentation, volume_node, out, algorithm_type="MANUAL", recipe=None,
+                             database=None) -> BackgroundRunner:
+        """"Save as DICOM SEG": ``prepare_dicom_seg`` here, the SEG written in the background."""
+        argv, workdir = self.prepare_dicom_seg(segmentation, volume_node, out, algorithm_type, recipe, database)
+        try:
+            runner = self._start(argv, "dicom-seg")
+        except BaseException:
+            shutil.rmtree(workdir, ignore_errors=True)
+            raise
+        self._job_workdir = workdir
+        return runner
+
     @staticmethod
     def subprocess_env() -> dict:
         """Environment of the child: this one, with the library's folder first on PYTHONPATH."""
@@ -891,6 +1003,14 @@ class WeakLiverSegLogic:
                 outcome.status = f"Case {self._job_case[1]} saved in {self._job_case[0]} ({labels})."
             elif kind == "install" and ok:
                 outcome.status = "Python packages installed."
+            elif kind == "export" and ok:
+                done = self.last_done or {}
+                outcome.status = (f"Dataset exported to {done.get('out')}: {done.get('training', 0)} training, "
+                                  f"{done.get('validation', 0)} validation, {done.get('test', 0)} test cases "
+                                  f"({done.get('expert', 0)} expert, {done.get('pseudo', 0)} pseudo labels, "
+                                  f"{done.get('skipped', 0)} skipped).")
+            elif kind == "dicom-seg" and ok:
+                outcome.status = f"DICOM SEG written to {(self.last_done or {}).get('out')}."
         except Exception as exc:  # noqa: BLE001 - shown to the user; the panel must recover
             outcome.load_error = f"Cannot load the {kind} result: {exc}"
         finally:

@@ -20,7 +20,7 @@ import numpy as np
 
 from .boxes import Box
 from ..errors import InputError
-from .imageio import check_finite, check_same_grid
+from .imageio import check_finite, check_same_grid, itk_messages
 from .imageio import read_image as _read_image_file
 from .imageio import write_image as _write_image_file
 from .safeio import file_lock, os_reason, replace_verified
@@ -292,7 +292,8 @@ def _read_grid(path: Path) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with itk_messages([]):  # a warning here is repeated by read_image's error if it matters
+            reader.ReadImageInformation()
     except RuntimeError:
         return _grid_only(_read_image_file(path))  # DICOM folder or odd format: read it whole
     if reader.GetDimension() != 3:

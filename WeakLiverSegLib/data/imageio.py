@@ -315,15 +315,18 @@ def _verify_image_file(tmp: Path, volume: Volume) -> None:
     check_written(tmp)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(tmp))
-    reader.ReadImageInformation()
-    if tuple(reader.GetSize()) != tuple(volume.shape_xyz):
-        raise OSError(f"the written header says size {reader.GetSize()}, not {volume.shape_xyz}")
-    if reader.GetImageIO() == "NiftiImageIO":
-        sizes = _nifti_sizes(tmp)
-        if sizes is None or sizes[0] < sizes[1]:
-            raise OSError(short_write_reason(tmp.parent, *(sizes or (os.path.getsize(tmp), None))))
-    else:
-        reader.Execute()  # NRRD / MHA readers detect missing data themselves
+    try:
+        reader.ReadImageInformation()
+        if tuple(reader.GetSize()) != tuple(volume.shape_xyz):
+            raise OSError(f"the written header says size {reader.GetSize()}, not {volume.shape_xyz}")
+        if reader.GetImageIOFromFileName(str(tmp)) == "NiftiImageIO":
+            sizes = _nifti_sizes(tmp)
+            if sizes is None or sizes[0] < sizes[1]:
+                raise OSError(short_write_reason(tmp.parent, *(sizes or (os.path.getsize(tmp), None))))
+        else:
+            reader.Execute()  # NRRD / MHA readers detect missing data themselves
+    except RuntimeError:
+        raise OSError(short_write_reason(tmp.parent, os.path.getsize(tmp))) from None
 
 
 def write_label_map(volume: Volume, path, segments=None) -> Path:

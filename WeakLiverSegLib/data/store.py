@@ -354,6 +354,8 @@ class _FileSwap:
         self.staged.append((target, staging))
         try:
             _write_image_file(volume, staging)
+        except InputError as exc:  # name the store's file, not the staging name
+            raise InputError(str(exc).replace(str(staging), str(target))) from None
         except (OSError, RuntimeError) as exc:
             raise InputError(f"{target}: could not write ({exc})") from exc
 

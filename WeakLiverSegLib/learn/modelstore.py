@@ -12,13 +12,15 @@ one recipe (``register_network_module``), so importing that registry is enough t
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ModelError
+from ..data.safeio import atomic_write_bytes, check_written, fsync_file, make_parent, os_reason, short_write_reason, temp_path
+from ..errors import InputError, ModelError
 
 FORMAT = "weakliverseg-model"
 VERSION = 1
@@ -71,27 +73,66 @@ class LoadedModel:
 def save_model(path, meta: dict, networks: dict) -> Path:
     """Write ``networks`` (name -> (registry class name, kwargs, module)) and ``meta``.
 
-    Files go to a temp folder first and are then moved in, so an interrupted save never
-    leaves a half-written model where a good one was.
+    Every file is written to a temp name, read back (size from the safetensors header, the JSON
+    byte for byte) and then renamed in, ``model.json`` last; a failed write (full disk) raises an
+    InputError naming the file and the OS reason, leaves no temp file and never replaces a good file.
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    created = not path.exists()
+    make_parent(path / "model.json", "model")
     meta = dict(meta)
     meta.update(format=FORMAT, version=VERSION)
     meta["networks"] = {}
-    for name, (cls_name, kwargs, module) in networks.items():
-        if network_class(cls_name) is None:
-            raise ValueError(f"network class {cls_name!r} is not registered")
-        fname = f"{name}.safetensors"
-        state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        tmp = path / f".{fname}.tmp"
-        save_file(state, str(tmp), metadata={"format": FORMAT, "network": name})
-        os.replace(tmp, path / fname)
-        meta["networks"][name] = {"file": fname, "class": cls_name, "kwargs": kwargs}
-    write_json_atomic(path / "model.json", meta)
+    try:
+        for name, (cls_name, kwargs, module) in networks.items():
+            if network_class(cls_name) is None:
+                raise ValueError(f"network class {cls_name!r} is not registered")
+            fname = f"{name}.safetensors"
+            state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+            write_safetensors(path / fname, state, {"format": FORMAT, "network": name})
+            meta["networks"][name] = {"file": fname, "class": cls_name, "kwargs": kwargs}
+        write_json_atomic(path / "model.json", meta)
+    except InputError:
+        if created:  # nothing good was there before: leave nothing half-made
+            for name in meta["networks"].values():
+                (path / name["file"]).unlink(missing_ok=True)
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+        raise
     return path
+
+
+def write_safetensors(path, tensors: dict, metadata: dict) -> None:
+    """safetensors file written to a temp name, checked (its header's size against the file's), renamed
+    over ``path``; InputError naming ``path`` and the OS reason otherwise (``path`` unchanged)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = temp_path(path, ".safetensors")
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        _verify_safetensors(tmp, tensors)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot write ({os_reason(exc)}); "
+                         f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _verify_safetensors(tmp: Path, tensors: dict) -> None:
+    check_written(tmp)
+    size = os.path.getsize(tmp)
+    with open(tmp, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8:
+        raise OSError(short_write_reason(tmp.parent, size))
+    expected = 8 + int.from_bytes(head, "little") + sum(t.numel() * t.element_size() for t in tensors.values())
+    if size != expected:
+        raise OSError(errno.EIO, short_write_reason(tmp.parent, size, expected))
 
 
 def read_meta(path) -> dict:
@@ -154,14 +195,10 @@ def load_model(path, device="cpu", names=None) -> LoadedModel:
 
 
 def write_json_atomic(path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """JSON written to a temp file, fsynced, read back, renamed (data.safeio); InputError naming the
+    path and the OS reason on failure, the previous file unchanged."""
+    text = json.dumps(obj, indent=2, sort_keys=False, allow_nan=False) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"), what=Path(path).name)
 
 
 def models_dir() -> Path:

@@ -95,7 +95,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     t_start = time.monotonic()
     out = Path(out)
     cfg = resolve_config(config)
-    ckpt_folder, saved, init = open_run(out, cfg, resume, init)
+    ckpt_folder, saved, init = open_run(out, cfg, resume, init, dataset=dataset, recipe=NAME)
     strong, weak, val, skipped = _select_cases(dataset, cfg, progress)
     use_teacher = needs_teacher(cfg)
 

@@ -522,10 +522,13 @@ class Dataset:
         return self._read(case.images[phase], f"{case_id} images['{phase}']")
 
     def read_mask(self, case_id) -> Volume | None:
+        """The case's mask as uint8 0/1/2; its label values are checked here, while it is read
+        (InputError naming the case and file: a 7, a 1.5, a NaN)."""
         case = self.case(case_id)
         if case.mask is None:
             return None
         mask = self._read(case.mask, f"{case_id} mask")
+        _check_label_values(mask, _LABEL_VALUES["mask"], f"{case_id} mask ({case.mask})")
         return mask.with_array(mask.array.astype(np.uint8, copy=False))
 
     def read_truth(self, case_id, key: str = "mask") -> Volume | None:
@@ -683,6 +686,36 @@ class Dataset:
             raise
 
     # -- validation
+
+    def check(self) -> "Dataset":
+        """The one check every command runs on a store before any work (train, --resume, pseudo, the
+        Slicer panel's Train): every field (as ``load``), and from the file headers only -- fast, no
+        voxel is read -- every phase, mask and truth file a 3D image on the reference phase's grid
+        (size, spacing, origin, direction) and every box inside it.  Label values are checked when
+        a mask is read (``read_mask``).  Returns the dataset; InputError naming case, field and file."""
+        self.validate(deep=False)
+        for case in self.cases.values():
+            cid = case.id
+            grid = self._header(case.images[case.reference], f"{cid} images['{case.reference}']")
+            others = [(case.images[p], f"{cid} images['{p}']") for p in case.images if p != case.reference]
+            others += [(case.mask, f"{cid} mask")] if case.mask else []
+            others += [(rel, f"{cid} truth['{k}']") for k, rel in (case.truth or {}).items()]
+            for rel, where in others:
+                _check_same_grid(self._header(rel, where), grid, f"{where} ({rel})", case.reference)
+            for n, box in enumerate(case.boxes):
+                box.validate(grid, f"{self.path}: {cid} boxes[{n}]")
+            if case.liver_box is not None:
+                case.liver_box.validate(grid, f"{self.path}: {cid} liver_box")
+        return self
+
+    def _header(self, rel: str, where: str) -> Volume:
+        try:
+            grid = _read_grid(self.root / rel)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        if grid.array.shape[0] < 2 or min(grid.array.shape) < 1:
+            raise InputError(f"{where} ({rel}): a single slice (size {grid.shape_xyz}); a 3D volume is needed")
+        return grid
 
     def validate(self, deep: bool = False) -> None:
         """Check every field and that files exist; ``deep`` also opens every file and checks

@@ -59,11 +59,35 @@ def network_class(name: str):
     return NETWORKS.get(name)
 
 
+class Networks(dict):
+    """name -> network; a name the model does not hold is a ModelError naming model.json, not a KeyError."""
+
+    def __init__(self, *args, where: str = "model.json", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.where = where
+
+    def __missing__(self, name):
+        raise ModelError(f"{self.where} networks: no network {name!r} (this model has {sorted(self)}); "
+                         f"the model folder is incomplete or of another kind")
+
+
+def state_dict_problem(exc: Exception) -> str:
+    """The informative part of a ``load_state_dict`` error: which tensors, which shapes."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    details = [ln.replace("copying a param with shape ", "file has ").replace(" from checkpoint, the shape in current model is ",
+                                                                              ", the network needs ")
+               .replace("torch.Size(", "(").rstrip(".") for ln in lines[1:]]
+    if not details:
+        return lines[0] if lines else type(exc).__name__
+    more = f" (+{len(details) - 2} more)" if len(details) > 2 else ""
+    return "; ".join(details[:2]) + more
+
+
 @dataclass
 class LoadedModel:
     path: Path
     meta: dict
-    networks: dict = field(default_factory=dict)   # name -> nn.Module (eval mode)
+    networks: dict = field(default_factory=Networks)   # name -> nn.Module (eval mode)
 
     @property
     def recipe(self) -> str:
@@ -153,7 +177,46 @@ def read_meta(path) -> dict:
     for key in ("recipe", "networks"):
         if key not in meta:
             raise ModelError(f"{mj}: missing field {key!r}")
+    _check_meta_fields(meta, mj)
     return meta
+
+
+def _is_number(v) -> bool:
+    import math
+
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_meta_fields(meta: dict, mj: Path) -> None:
+    """The fields every recipe reads, typed: a corrupt model.json is a ModelError naming the field."""
+    if not isinstance(meta["recipe"], str) or not meta["recipe"]:
+        raise ModelError(f"{mj} recipe: expected a recipe name, got {meta['recipe']!r}")
+    nets = meta["networks"]
+    if not isinstance(nets, dict) or not nets:
+        raise ModelError(f"{mj} networks: expected an object name -> {{file, class, kwargs}}, got {nets!r}")
+    for name, spec in nets.items():
+        if not isinstance(spec, dict) or not {"file", "class", "kwargs"} <= set(spec) \
+                or not isinstance(spec["kwargs"], dict) or not isinstance(spec["class"], str):
+            raise ModelError(f"{mj} networks.{name}: needs file, class and kwargs (an object)")
+    inp = meta.get("input", {})
+    if not isinstance(inp, dict):
+        raise ModelError(f"{mj} input: expected an object, got {inp!r}")
+    window = inp.get("hu_window")
+    if window is not None and not (isinstance(window, list) and len(window) == 2 and all(map(_is_number, window))
+                                   and window[0] < window[1]):
+        raise ModelError(f"{mj} input.hu_window: expected [low, high] numbers (HU), got {window!r}")
+    spacing = inp.get("spacing_mm")
+    if spacing is not None:
+        values = spacing if isinstance(spacing, list) else [spacing]
+        if not values or not all(_is_number(v) and v > 0 for v in values):
+            raise ModelError(f"{mj} input.spacing_mm: expected positive numbers (mm), got {spacing!r}")
+    context = inp.get("context_slices")
+    if context is not None and (isinstance(context, bool) or not isinstance(context, int) or context < 0):
+        raise ModelError(f"{mj} input.context_slices: expected a whole number >= 0, got {context!r}")
+    for key in ("phases", "inference_phases"):
+        phases = inp.get(key)
+        if phases is not None and not (isinstance(phases, list) and all(isinstance(p, str) and p for p in phases)):
+            raise ModelError(f"{mj} input.{key}: expected a list of phase names, got {phases!r}")
 
 
 def load_model(path, device="cpu", names=None) -> LoadedModel:
@@ -164,7 +227,7 @@ def load_model(path, device="cpu", names=None) -> LoadedModel:
 
     path = Path(path)
     meta = read_meta(path)
-    model = LoadedModel(path, meta)
+    model = LoadedModel(path, meta, Networks(where=str(path / "model.json")))
     for name, spec in meta["networks"].items():
         if names is not None and name not in names:
             continue
@@ -188,8 +251,8 @@ def load_model(path, device="cpu", names=None) -> LoadedModel:
             net = cls(**spec["kwargs"])
             net.load_state_dict(state, strict=True)
         except (TypeError, RuntimeError, ValueError) as exc:
-            msg = str(exc).splitlines()[0]
-            raise ModelError(f"{wfile}: weights do not fit network {spec['class']} ({msg})") from None
+            raise ModelError(f"{wfile}: weights do not fit network {spec['class']} with the kwargs of "
+                             f"model.json networks.{name} ({state_dict_problem(exc)})") from None
         model.networks[name] = net.to(torch.device(device)).eval()
     return model
 

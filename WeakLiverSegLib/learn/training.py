@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..data.safeio import make_parent
-from .modelstore import write_json_atomic, write_safetensors
+from .modelstore import state_dict_problem, write_json_atomic, write_safetensors
 
 CHECKPOINT_FORMAT = "weakliverseg-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -275,7 +275,7 @@ class Checkpointer:
                 opt.load_state_dict(_unflatten_optimizer(ckpt.meta["optimizers"][name], f"opt/{name}", ckpt.tensors))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise InputError(f"{where}: checkpoint does not fit this training run "
-                             f"({str(exc).splitlines()[0]}); delete the checkpoint folder to start over") from None
+                             f"({state_dict_problem(exc)}); delete the checkpoint folder to start over") from None
         torch.set_rng_state(ckpt.tensors["rng/torch"])
         cuda = sorted(k for k in ckpt.tensors if k.startswith("rng/cuda/"))
         if cuda and torch.cuda.is_available():

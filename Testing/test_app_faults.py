@@ -316,3 +316,254 @@ def test_train_and_segment_on_a_full_disk_exit_2(cohort, model, tmp_path, monkey
     captured = capsys.readouterr()
     assert "segmentation written" not in captured.out and str(labels) in captured.err
     assert labels.read_bytes() == good and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+# ----------------------------------------------------------------------------- 3-6. bad inputs, table-driven
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_json(path: Path, fn) -> None:
+    data = json.loads(path.read_text())
+    fn(data)
+    path.write_text(json.dumps(data, indent=1))
+
+
+def _case(data, cid):
+    return next(c for c in data["cases"] if c["id"] == cid)
+
+
+def _rewrite(path: Path, fn) -> None:
+    """Replace an image file of a store behind the store's back (what a user's script may do)."""
+    vol = imageio.read_image(path)
+    imageio.write_image(fn(vol), path)
+
+
+def _dicom(path: Path, uid: str, modality: str) -> Path:
+    """A minimal DICOM Part-10 file: preamble, DICM, (0002,0002) SOP class, (0008,0060) modality."""
+    import struct
+
+    def element(group, elem, vr, value: bytes, pad=b"\0"):
+        if len(value) % 2:
+            value += pad
+        return struct.pack("<HH", group, elem) + vr + struct.pack("<H", len(value)) + value
+
+    body = element(2, 2, b"UI", uid.encode()) + element(2, 0x10, b"UI", b"1.2.840.10008.1.2.1")
+    body += element(8, 0x60, b"CS", modality.encode(), b" ") + element(0x10, 0x10, b"PN", b"Test^Patient", b" ")
+    path.write_bytes(b"\0" * 128 + b"DICM" + body)
+    return path
+
+
+SEG_UID, RTSTRUCT_UID, SR_UID = "1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.481.3", "1.2.840.10008.5.1.4.1.1.88.11"
+MASKED = "case001"   # the phantom cohort (seed 1, strong=0.5): case001 and case002 carry a mask
+WEAK = "case000"
+
+
+def _store(ctx, fn=None):
+    ds = _copy(ctx["cohort"], ctx["tmp"] / "ds")
+    if fn is not None:
+        fn(ds)
+    return ds
+
+
+def _mask_edit(fn):
+    return lambda ds: _rewrite(ds / "labels" / f"{MASKED}.nii.gz", fn)
+
+
+def _json_edit(fn):
+    return lambda ds: _edit_json(ds / "dataset.json", fn)
+
+
+def _model(ctx, fn=None):
+    m = _copy(ctx["model"], ctx["tmp"] / "model")
+    if fn is not None:
+        _edit_json(m / "model.json", fn)
+    return m
+
+
+def _train(ctx, ds, *extra):
+    return ["train", "--dataset", ds, "--out", ctx["tmp"] / "out", "--steps", 2, *TRAIN_SETTINGS, *extra]
+
+
+def _segment(ctx, model=None, inputs=None, out=None, *extra):
+    image = ctx["cohort"] / "images" / f"{MASKED}_enhanced.nii.gz"
+    argv = ["segment", "--model", model or ctx["model"]]
+    for item in inputs or [image]:
+        argv += ["--input", item]
+    return argv + ["--out", out or ctx["tmp"] / "seg.nii.gz", "--progress", "none", *extra]
+
+
+def _grid(**change):
+    def fn(v):
+        geo = dict(spacing=v.spacing, origin=v.origin, direction=v.direction)
+        geo.update(change)
+        return Volume(v.array, **geo)
+    return fn
+
+
+def _truncate(path: Path, fraction=0.5) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * fraction)])
+    return path
+
+
+def _file(ctx, name="afile") -> Path:
+    p = ctx["tmp"] / name
+    p.write_text("not a folder")
+    return p
+
+
+def _boxes(ctx, payload) -> Path:
+    p = ctx["tmp"] / "boxes.json"
+    p.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return p
+
+
+def _nifti_2d(ctx) -> Path:
+    import SimpleITK as sitk
+
+    p = ctx["tmp"] / "slice.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((8, 8), np.int16)), str(p))
+    return p
+
+
+# (id, argv builder (ctx -> list), substrings the one-line error must hold)
+BAD_INPUTS = [
+    # ---- train: what the store holds (class 3)
+    ("mask-shape", lambda c: _train(c, _store(c, _mask_edit(lambda v: Volume(v.array[:, :, :-1], v.spacing, v.origin, v.direction)))),
+     [MASKED, "mask", "labels/case001.nii.gz", "size"]),
+    ("mask-spacing", lambda c: _train(c, _store(c, _mask_edit(_grid(spacing=(2.0, 2.0, 9.0))))), [MASKED, "mask", "spacing"]),
+    ("mask-origin", lambda c: _train(c, _store(c, _mask_edit(_grid(origin=(50.0, 0.0, 0.0))))), [MASKED, "mask", "origin"]),
+    ("mask-direction", lambda c: _train(c, _store(c, _mask_edit(_grid(direction=np.diag([-1.0, 1.0, -1.0]))))), [MASKED, "mask", "direction"]),
+    ("mask-label-7", lambda c: _train(c, _store(c, _mask_edit(lambda v: v.with_array(np.where(v.array == 2, 7, v.array).astype(np.uint8))))),
+     [MASKED, "mask", "label values 7"]),
+    ("mask-label-1.5", lambda c: _train(c, _store(c, _mask_edit(lambda v: v.with_array(np.where(v.array == 1, 1.5, v.array).astype(np.float32))))),
+     [MASKED, "mask", "label values 1.5"]),
+    ("mask-nan", lambda c: _train(c, _store(c, _mask_edit(lambda v: v.with_array(np.where(v.array == 2, np.nan, v.array).astype(np.float32))))),
+     ["case001.nii.gz", "NaN"]),
+    ("box-outside", lambda c: _train(c, _store(c, _json_edit(lambda d: _case(d, WEAK)["boxes"][0].update(ijk_max=[99, 99, 3])))),
+     [WEAK, "boxes[0]", "outside"]),
+    ("liver-box-outside", lambda c: _train(c, _store(c, _json_edit(lambda d: _case(d, MASKED)["liver_box"].update(ijk_min=[-5, 0, 0])))),
+     [MASKED, "liver_box"]),
+    ("plain-other-grid", lambda c: _train(c, _store(c, lambda ds: _rewrite(ds / "images" / f"{WEAK}_plain.nii.gz", _grid(spacing=(3.0, 3.0, 3.0)))), "--recipe", "o2l"),
+     [WEAK, "images['plain']", "spacing"]),
+    ("image-missing", lambda c: _train(c, _store(c, lambda ds: (ds / "images" / f"{WEAK}_enhanced.nii.gz").unlink())),
+     [WEAK, "images['enhanced']", "not found"]),
+    ("image-truncated", lambda c: _train(c, _store(c, lambda ds: _truncate(ds / "images" / f"{MASKED}_enhanced.nii.gz"))),
+     [f"{MASKED}_enhanced.nii.gz", "truncated"]),
+    ("json-malformed", lambda c: _train(c, _store(c, lambda ds: (ds / "dataset.json").write_text("{\"format\": "))), ["dataset.json", "malformed JSON"]),
+    ("json-version", lambda c: _train(c, _store(c, _json_edit(lambda d: d.update(version=7)))), ["dataset.json", "version 7"]),
+    ("json-split", lambda c: _train(c, _store(c, _json_edit(lambda d: _case(d, WEAK).update(split="training")))), [WEAK, "split", "'training'"]),
+    ("json-couinaud", lambda c: _train(c, _store(c, _json_edit(lambda d: _case(d, WEAK).update(couinaud=[9])))), [WEAK, "couinaud", "9"]),
+    ("json-unknown-field", lambda c: _train(c, _store(c, _json_edit(lambda d: _case(d, WEAK).update(lesions=3)))), [WEAK, "lesions"]),
+    # ---- train: the command line (classes 4, 5)
+    ("dataset-is-file", lambda c: _train(c, _file(c)), ["afile", "not a dataset folder"]),
+    ("out-is-file", lambda c: ["train", "--dataset", c["cohort"], "--out", _file(c), *TRAIN_SETTINGS], ["--out", "afile", "is a file"]),
+    ("out-under-file", lambda c: ["train", "--dataset", c["cohort"], "--out", _file(c) / "m", *TRAIN_SETTINGS], ["--out", "afile", "is a file"]),
+    ("steps-zero", lambda c: _train(c, c["cohort"], "--steps", 0), ["--steps"]),
+    ("set-unknown-key", lambda c: _train(c, c["cohort"], "--set", "teacher.speed=3"), ["teacher.speed"]),
+    ("config-missing", lambda c: _train(c, c["cohort"], "--config", c["tmp"] / "nope.json"), ["nope.json", "not found"]),
+    ("device-bogus", lambda c: _train(c, c["cohort"], "--device", "tpu"), ["--device", "tpu"]),
+    ("recipe-unknown", lambda c: _train(c, c["cohort"], "--recipe", "unet"), ["--recipe", "unet"]),
+    ("init-ignores-channels", lambda c: _train(c, c["cohort"], "--init", c["model"], "--set", "channels=[8,8,8,8]"),
+     ["channels", "--init", "[4, 8, 8, 8]"]),
+    ("resume-and-init", lambda c: _train(c, c["cohort"], "--resume", "--init", c["model"]), ["--resume", "--init"]),
+    ("resume-other-dataset", lambda c: ["train", "--dataset", _store(c), "--out", c["interrupted"], "--resume", "--steps", 4, *TRAIN_SETTINGS],
+     ["checkpoint.json", "trained on the dataset", "--dataset"]),
+    ("resume-other-recipe", lambda c: ["train", "--dataset", c["cohort"], "--out", c["interrupted"], "--resume", "--recipe", "sdnet", "--steps", 4,
+                                       "--device", "cpu", "--progress", "none"], ["checkpoint.json", "'o2l'", "not 'sdnet'"]),
+    ("resume-changed-dataset", lambda c: ["train", "--dataset", c["interrupted"].parent / "ds", "--out", c["interrupted"], "--resume", "--steps", 4,
+                                          "--set", "checkpoint_every=1", *TRAIN_SETTINGS], ["dataset.json", "changed since the interrupted run"]),
+    # ---- segment: what the input is (class 4)
+    ("input-dicom-seg", lambda c: _segment(c, inputs=[_dicom(c["tmp"] / "seg.dcm", SEG_UID, "SEG")]), ["seg.dcm", "DICOM SEG", "not an image"]),
+    ("input-rtstruct", lambda c: _segment(c, inputs=[_dicom(c["tmp"] / "rs.dcm", RTSTRUCT_UID, "RTSTRUCT")]), ["rs.dcm", "RT STRUCT"]),
+    ("input-sr", lambda c: _segment(c, inputs=[_dicom(c["tmp"] / "sr.dcm", SR_UID, "SR")]), ["sr.dcm", "Structured Report"]),
+    ("input-seg-in-folder", lambda c: _segment(c, inputs=[_dicom(c["tmp"] / "dcm" / "x.dcm", SEG_UID, "SEG").parent]
+                                               if (c["tmp"] / "dcm").mkdir() is None else None), ["dcm", "DICOM SEG"]),
+    ("input-unknown-phase", lambda c: _segment(c, inputs=[f"arterial={c['cohort'] / 'images' / 'case001_enhanced.nii.gz'}"]),
+     ["arterial", "model.json", "enhanced"]),
+    ("input-truncated", lambda c: _segment(c, inputs=[_truncate(Path(_copy(c["cohort"] / "images", c["tmp"] / "im")) / "case001_enhanced.nii.gz")]),
+     ["case001_enhanced.nii.gz", "truncated", "of the"]),
+    ("input-missing", lambda c: _segment(c, inputs=[c["tmp"] / "ct.nii.gz"]), ["ct.nii.gz", "not found"]),
+    ("input-2d", lambda c: _segment(c, inputs=[_nifti_2d(c)]), ["slice.nii.gz", "2D"]),
+    ("input-not-an-image", lambda c: _segment(c, inputs=[_file(c, "notes.nrrd")]), ["notes.nrrd", "cannot read image"]),
+    ("seg-out-under-file", lambda c: _segment(c, out=_file(c) / "seg.nii.gz"), ["afile", "is a file"]),
+    ("seg-out-extension", lambda c: _segment(c, out=c["tmp"] / "seg.png"), ["seg.png", "extension"]),
+    ("boxes-bad-json", lambda c: _segment(c, None, None, None, "--boxes", _boxes(c, "[{")), ["boxes.json", "not valid JSON"]),
+    ("boxes-outside", lambda c: _segment(c, None, None, None, "--boxes", _boxes(c, [{"label": "tumor", "ijk_min": [0, 0, 0], "ijk_max": [80, 5, 2]}])),
+     ["boxes.json", "[0]"]),
+    # ---- segment: the model folder (classes 5, 6)
+    ("model-missing", lambda c: _segment(c, model=c["tmp"] / "nomodel"), ["nomodel", "not found"]),
+    ("model-json-malformed", lambda c: _segment(c, model=(lambda m: ((m / "model.json").write_text("{"), m)[1])(_model(c))), ["model.json", "not valid JSON"]),
+    ("model-networks-null", lambda c: _segment(c, model=_model(c, lambda d: d.update(networks=None))), ["model.json", "networks", "None"]),
+    ("model-network-missing", lambda c: _segment(c, model=_model(c, lambda d: d["networks"].pop("student"))), ["model.json", "'student'"]),
+    ("model-hu-window", lambda c: _segment(c, model=_model(c, lambda d: d["input"].update(hu_window=["soft", 250]))), ["model.json", "input.hu_window"]),
+    ("model-spacing", lambda c: _segment(c, model=_model(c, lambda d: d["input"].update(spacing_mm=[-1, 1.5]))), ["model.json", "input.spacing_mm"]),
+    ("model-context", lambda c: _segment(c, model=_model(c, lambda d: d["input"].update(context_slices="one"))), ["model.json", "input.context_slices"]),
+    ("model-unknown-recipe", lambda c: _segment(c, model=_model(c, lambda d: d.update(recipe="unet9"))), ["model.json", "recipe", "unet9"]),
+    ("model-wrong-shape-weights", lambda c: _segment(c, model=_model(c, lambda d: d["networks"]["student"]["kwargs"].update(channels=[4, 8, 8, 16]))),
+     ["student.safetensors", "networks.student", "size mismatch for", "file has", "needs"]),
+    # ---- pseudo / evaluate / phantom
+    ("pseudo-bad-store", lambda c: ["pseudo", "--model", c["model"], "--dataset", _store(c, _mask_edit(_grid(origin=(9.0, 0.0, 0.0)))),
+                                    "--out", c["tmp"] / "p", "--progress", "none"], [MASKED, "mask", "origin"]),
+    ("pseudo-out-under-file", lambda c: ["pseudo", "--model", c["model"], "--dataset", c["cohort"], "--out", _file(c) / "p", "--progress", "none"],
+     ["--out", "afile", "is a file"]),
+    ("evaluate-pred-missing", lambda c: ["evaluate", "--pred", c["tmp"] / "nopred", "--truth", c["cohort"], "--out", c["tmp"] / "m.json"], ["nopred"]),
+    ("phantom-existing", lambda c: ["phantom", "--out", _store(c), "--cases", 1, "--progress", "none"], ["dataset.json", "already exists", "choose a new folder"]),
+]
+
+
+@pytest.fixture(scope="module")
+def interrupted(cohort, tmp_path_factory):
+    """A train run of the cohort stopped before it wrote its model: its checkpoint stays for --resume."""
+    from WeakLiverSegLib.errors import Cancelled
+    from WeakLiverSegLib.recipes.o2l import training as o2l_training
+
+    base = tmp_path_factory.mktemp("interrupted")
+    ds, out = _copy(cohort, base / "ds"), base / "m"
+
+    def stop(*a, **k):
+        raise Cancelled("stopped before the model was written")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(o2l_training, "save_model", stop)
+        assert cli("train", "--dataset", ds, "--out", out, "--steps", 4, "--set", "checkpoint_every=1", *TRAIN_SETTINGS) == 130
+    assert (out / "checkpoint" / "checkpoint.json").is_file()
+    Dataset.load(ds).update_labels(WEAK, split="val")   # its store changes after the interruption
+    return out
+
+
+def test_the_table_is_large_enough():
+    assert len(BAD_INPUTS) >= 40 and len({row[0] for row in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+@pytest.mark.parametrize("name,build,expected", BAD_INPUTS, ids=[row[0] for row in BAD_INPUTS])
+def test_bad_input_exits_2_naming_it_and_changes_nothing(name, build, expected, cohort, model, interrupted, tmp_path, capsys):
+    ctx = {"cohort": cohort, "model": model, "interrupted": interrupted, "tmp": tmp_path}
+    argv = build(ctx)
+    watched = [cohort, model, interrupted, tmp_path]
+    before = {str(p): _snapshot(p) for p in watched}
+    capsys.readouterr()
+    rc = cli(*argv)
+    captured = capsys.readouterr()
+    assert rc == 2, captured.err
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err
+    for part in expected:
+        assert part in lines[0], f"{part!r} not in: {lines[0]}"
+    assert {str(p): _snapshot(p) for p in watched} == before      # nothing written, nothing changed
+
+
+@pytest.mark.parametrize("name", ["input-dicom-seg", "mask-label-7", "model-networks-null"])
+def test_bad_input_through_the_real_command(name, cohort, model, interrupted, tmp_path):
+    build, expected = next((b, e) for n, b, e in BAD_INPUTS if n == name)
+    argv = [str(a) for a in build({"cohort": cohort, "model": model, "interrupted": interrupted, "tmp": tmp_path})]
+    proc = subprocess.run([sys.executable, "-m", "WeakLiverSegLib", *argv], env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert all(part in proc.stderr for part in expected), proc.stderr
+

@@ -175,6 +175,9 @@ def read_dicom_series(folder) -> Volume:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
+        for path in sorted(folder.iterdir())[:200]:  # a folder of SEG / RT STRUCT files only: say so
+            if path.is_file():
+                _refuse_non_image_dicom(path, folder)
         raise InputError(f"{folder}: no DICOM series found in this folder")
     files = max((reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series), key=len)
     _refuse_non_image_dicom(Path(files[0]), folder)

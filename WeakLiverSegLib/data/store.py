@@ -452,6 +452,8 @@ class Dataset:
         """Read and validate ``dataset.json`` (a folder or the file itself); image files are not opened."""
         root = Path(root)
         if root.is_file():
+            if root.name != DATASET_FILE:
+                raise InputError(f"{root}: is a file, not a dataset folder (give the folder holding {DATASET_FILE})")
             root = root.parent
         path = root / DATASET_FILE
         if not path.is_file():

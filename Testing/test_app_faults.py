@@ -567,3 +567,47 @@ def test_bad_input_through_the_real_command(name, cohort, model, interrupted, tm
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert all(part in proc.stderr for part in expected), proc.stderr
 
+
+
+# ----------------------------------------------------------------------------- kill -9 during train, then --resume
+
+
+@pytest.mark.slow
+def test_kill_9_during_train_then_resume_finishes_with_a_valid_model(cohort, tmp_path):
+    import random
+
+    from WeakLiverSegLib.learn.modelstore import load_model
+
+    out = tmp_path / "m"
+    ckpt = out / "checkpoint" / "checkpoint.json"
+    base = [sys.executable, "-m", "WeakLiverSegLib", "train", "--dataset", str(cohort), "--out", str(out),
+            "--steps", "8", "--set", "checkpoint_every=1", *map(str, TRAIN_SETTINGS)]
+    rng = random.Random(16)
+    kills = 0
+    for _ in range(2):   # two kill points at random moments after a checkpoint, then the resume that finishes
+        argv = base + (["--resume"] if ckpt.exists() else [])
+        proc = subprocess.Popen(argv, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        start = ckpt.stat().st_mtime if ckpt.exists() else 0
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:   # wait for this run's first checkpoint
+            if ckpt.exists() and ckpt.stat().st_mtime != start:
+                break
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.4))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.communicate(timeout=60)
+        assert proc.returncode in (0, -signal.SIGKILL), proc.stderr
+        if proc.returncode == 0:
+            break
+    assert kills >= 1
+    if ckpt.exists() or not (out / "model.json").exists():
+        done = subprocess.run(base + (["--resume"] if ckpt.exists() else []), env=_env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    model = load_model(out)
+    assert set(model.networks) == {"student", "teacher"} and not ckpt.exists()
+    assert not [p for p in out.rglob(".*")]   # no temp file of a killed write left in the model
+    assert cli("segment", "--model", out, "--input", cohort / "images" / "case003_enhanced.nii.gz",
+               "--out", tmp_path / "seg.nii.gz", "--progress", "none") == 0

@@ -107,6 +107,8 @@ def save_model(path, meta: dict, networks: dict) -> Path:
     meta = dict(meta)
     meta.update(format=FORMAT, version=VERSION)
     meta["networks"] = {}
+    for stale in path.glob(".*.tmp*"):   # left by a save that was killed (kill -9, power loss)
+        stale.unlink(missing_ok=True)
     try:
         for name, (cls_name, kwargs, module) in networks.items():
             if network_class(cls_name) is None:

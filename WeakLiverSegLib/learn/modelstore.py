@@ -194,7 +194,7 @@ def _check_meta_fields(meta: dict, mj: Path) -> None:
     if not isinstance(meta["recipe"], str) or not meta["recipe"]:
         raise ModelError(f"{mj} recipe: expected a recipe name, got {meta['recipe']!r}")
     nets = meta["networks"]
-    if not isinstance(nets, dict) or not nets:
+    if not isinstance(nets, dict):
         raise ModelError(f"{mj} networks: expected an object name -> {{file, class, kwargs}}, got {nets!r}")
     for name, spec in nets.items():
         if not isinstance(spec, dict) or not {"file", "class", "kwargs"} <= set(spec) \

@@ -431,6 +431,22 @@ def _nifti_2d(ctx) -> Path:
     return p
 
 
+def _sheared_nifti(ctx) -> Path:
+    """A NIfTI whose sform is sheared: ITK prints a WARNING block, then fails (orthonormal directions)."""
+    import struct
+
+    import SimpleITK as sitk
+
+    p = ctx["tmp"] / "sheared.nii"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((4, 5, 6), np.int16)), str(p))
+    b = bytearray(p.read_bytes())
+    struct.pack_into("<hh", b, 252, 0, 1)                       # qform_code 0, sform_code 1
+    for row, values in enumerate([(1, 0.5, 0, 0), (0, 1, 0.7, 0), (0.2, 0, 1, 0)]):
+        struct.pack_into("<4f", b, 280 + 16 * row, *values)
+    p.write_bytes(bytes(b))
+    return p
+
+
 # (id, argv builder (ctx -> list), substrings the one-line error must hold)
 BAD_INPUTS = [
     # ---- train: what the store holds (class 3)
@@ -489,6 +505,7 @@ BAD_INPUTS = [
     ("input-truncated", lambda c: _segment(c, inputs=[_truncate(Path(_copy(c["cohort"] / "images", c["tmp"] / "im")) / "case001_enhanced.nii.gz")]),
      ["case001_enhanced.nii.gz", "truncated", "of the"]),
     ("input-missing", lambda c: _segment(c, inputs=[c["tmp"] / "ct.nii.gz"]), ["ct.nii.gz", "not found"]),
+    ("input-itk-warning", lambda c: _segment(c, inputs=[_sheared_nifti(c)]), ["sheared.nii", "orthonormal", "ITK: ", "unexpected scales in sform"]),
     ("input-2d", lambda c: _segment(c, inputs=[_nifti_2d(c)]), ["slice.nii.gz", "2D"]),
     ("input-not-an-image", lambda c: _segment(c, inputs=[_file(c, "notes.nrrd")]), ["notes.nrrd", "cannot read image"]),
     ("seg-out-under-file", lambda c: _segment(c, out=_file(c) / "seg.nii.gz"), ["afile", "is a file"]),
@@ -558,13 +575,14 @@ def test_bad_input_exits_2_naming_it_and_changes_nothing(name, build, expected, 
     assert {str(p): _snapshot(p) for p in watched} == before      # nothing written, nothing changed
 
 
-@pytest.mark.parametrize("name", ["input-dicom-seg", "mask-label-7", "model-networks-null"])
+@pytest.mark.parametrize("name", ["input-dicom-seg", "input-itk-warning", "mask-label-7", "model-networks-null"])
 def test_bad_input_through_the_real_command(name, cohort, model, interrupted, tmp_path):
     build, expected = next((b, e) for n, b, e in BAD_INPUTS if n == name)
     argv = [str(a) for a in build({"cohort": cohort, "model": model, "interrupted": interrupted, "tmp": tmp_path})]
     proc = subprocess.run([sys.executable, "-m", "WeakLiverSegLib", *argv], env=_env(), capture_output=True, text=True,
                           timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "WARNING" not in proc.stderr   # ITK's own warning blocks are folded into the one line
     assert all(part in proc.stderr for part in expected), proc.stderr
 
 

@@ -187,6 +187,14 @@ def _load_config(args) -> dict:
     return deep_update(cfg, parse_overrides(getattr(args, "set", [])))
 
 
+def check_out_folder(path, option: str) -> None:
+    """An output folder must be a folder or creatable: InputError naming the file in the way."""
+    path = Path(path)
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"{option} {path}: cannot create the folder, {blocker} is a file")
+
+
 def cmd_phantom(args, progress):
     from ..synth import phantom
 
@@ -213,7 +221,8 @@ def cmd_train(args, progress):
     from ..data.store import Dataset
     from ..learn.training import select_device
 
-    ds = Dataset.load(args.dataset)
+    check_out_folder(args.out, "--out")
+    ds = Dataset.load(args.dataset).check()   # the one validation of a store, before any work
     recipe = recipes.get(args.recipe)
     device = select_device(args.device)
     config = _load_config(args)
@@ -231,17 +240,17 @@ def cmd_train(args, progress):
 
 
 def cmd_pseudo(args, progress):
-    from .. import recipes
     from ..learn.modelstore import load_model
     from ..data.store import Dataset
     from ..learn.training import select_device
 
     device = select_device(args.device)
     model = load_model(args.model, device=device)
-    recipe = recipes.get(model.recipe)
+    recipe = model_recipe(model)
     if not hasattr(recipe, "pseudo"):
         raise InputError(f"{args.model}: recipe {model.recipe!r} has no teacher to make pseudo-labels")
-    out = recipe.pseudo(model, Dataset.load(args.dataset), args.out, device, progress)
+    check_out_folder(args.out, "--out")
+    out = recipe.pseudo(model, Dataset.load(args.dataset).check(), args.out, device, progress)
     progress.done(dataset=str(out))
 
 
@@ -260,6 +269,36 @@ def parse_inputs(items) -> dict:
     return out
 
 
+def model_recipe(model):
+    """The recipe a loaded model names; an unknown one is an error about model.json, not --recipe."""
+    from .. import recipes
+
+    try:
+        return recipes.get(model.recipe)
+    except InputError as exc:
+        raise InputError(f"{model.path / 'model.json'} recipe: {str(exc).replace('--recipe: ', '')}; "
+                         f"the model was made by another version or is corrupt") from None
+
+
+def check_phases(paths: dict, model) -> None:
+    """``--input PHASE=PATH``: every phase name must be one the model reads, and the phases it needs
+    at inference must all be given (a wsts model is not fed its enhanced phase as the plain one)."""
+    inp = model.meta.get("input", {}) or {}
+    needed = list(inp.get("inference_phases") or inp.get("phases") or [])
+    known = set(needed) | set(inp.get("phases") or [])
+    if not needed:
+        return
+    where = model.path / "model.json"
+    for phase in paths:
+        if phase not in known:
+            raise InputError(f"--input {phase}=...: unknown phase {phase!r}; the model ({where}) reads "
+                             f"{' + '.join(needed)} (give --input {needed[0]}=FILE, or the file alone)")
+    missing = [p for p in needed if p not in paths]
+    if missing:
+        raise InputError(f"--input: the model ({where}) segments from phase(s) {needed}; {missing} not given "
+                         f"(got {sorted(paths)})")
+
+
 def read_boxes_json(path, reference) -> list:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -271,16 +310,18 @@ def read_boxes_json(path, reference) -> list:
 
 
 def cmd_segment(args, progress):
-    from .. import recipes
     from ..data.imageio import check_finite, check_same_grid, read_image, write_image, write_label_map
     from ..learn.modelstore import load_model
     from ..learn.training import select_device
 
     device = select_device(args.device)
+    check_out_folder(Path(args.out).parent, "--out")
     model = load_model(args.model, device=device)
-    recipe = recipes.get(model.recipe)
+    recipe = model_recipe(model)
     paths = parse_inputs(args.input)
     phases = model.meta.get("input", {}).get("inference_phases") or model.meta.get("input", {}).get("phases") or []
+    if None not in paths:
+        check_phases(paths, model)
     if None in paths:
         images = {(phases[0] if phases else "ct"): read_image(paths[None])}
     else:

@@ -902,6 +902,10 @@ class WeakLiverSegLogic:
         """
         if out and (Path(out) / "model.json").is_file() and not overwrite:
             raise InputError(f"{out}: already holds a model; choose another folder, fine-tune, or confirm overwriting")
+        if dataset:  # the store's one validation (headers only, fast), before the process starts
+            from ..data.store import Dataset
+
+            Dataset.load(dataset).check()
         argv = self.build_train_command(dataset, recipe, out, device=device, init=finetune_from, steps=steps)
         runner = self._start(argv, "fine-tune" if finetune_from else "train")
         self.pending_model_folder = Path(out) if finetune_from else None

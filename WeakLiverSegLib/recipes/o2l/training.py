@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -95,7 +96,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     t_start = time.monotonic()
     out = Path(out)
     cfg = resolve_config(config)
-    ckpt_folder, saved, init = open_run(out, cfg, resume, init)
+    ckpt_folder, saved, init = open_run(out, cfg, resume, init, dataset=dataset, recipe=NAME)
     strong, weak, val, skipped = _select_cases(dataset, cfg, progress)
     use_teacher = needs_teacher(cfg)
 
@@ -113,6 +114,12 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
                 or inp["context"] != cfg["context"]:
             raise InputError(f"{init}: --init model was trained at spacing {inp['spacing_mm']} mm, HU window "
                              f"{inp['hu_window']}, context {inp['context']}; set the same in the config")
+        init_channels = [spec["kwargs"].get("channels") for spec in init_model.meta["networks"].values()
+                         if isinstance(spec, dict) and isinstance(spec.get("kwargs"), dict)]
+        if init_channels and init_channels[0] is not None and list(init_channels[0]) != list(cfg["channels"]):
+            if "channels" in (config or {}):   # asked for explicitly: never ignored silently
+                raise InputError(f"--set channels={json.dumps(cfg['channels'])}: the --init model {init} has channels "
+                                 f"{list(init_channels[0])}; fine-tuning keeps the architecture (drop the setting)")
         for role in ("teacher", "student"):
             spec = init_model.meta["networks"].get(role)
             if spec is not None:
@@ -242,7 +249,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
             "teacher_boxes": "liver box + tumour boxes (2D per slice preferred)" if use_teacher else None,
         },
         "training": {
-            "config": copy.deepcopy(cfg),
+            "config": dict(copy.deepcopy(cfg), channels=list(kwargs["student"]["channels"])),  # as trained (--init)
             "data": data_summary,
             "steps": {"teacher": t_steps, "student": cfg["student"]["steps"]},
             "crop": crop,

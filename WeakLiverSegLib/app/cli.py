@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="litemedsam (default, pretrained), fill (box filling), fused (litemedsam + --teacher), "
                          "or a model folder (fine-tuned LiteMedSAM, or a trained model whose teacher annotates)")
     sp.add_argument("--teacher", type=Path, help="trained model folder whose teacher is fused with LiteMedSAM")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="LiteMedSAM setting: view=crop|slice, input_size, stride, window=LO,HI (HU), batch_size, "
+                         "margin, min_contrast, ... (see annotate/propagate.py)")
     sp.add_argument("--serve", action="store_true",
                     help="stay loaded: read one JSON request a line on stdin ({\"id\", \"input\", \"boxes\" or "
                          "\"boxes_file\", \"out\"}), answer with jsonl events (the Slicer module's warm worker)")
@@ -366,13 +369,51 @@ def cmd_annotate(args, progress):
         if missing:
             raise InputError(f"annotate: {', '.join(missing)} required (or --serve)")
     device = select_device(args.device)
-    annotator = load_annotator(args.annotator, device=device, teacher=args.teacher, recipe_lookup=recipes.get)
+    settings, sam_kwargs = annotator_settings(parse_overrides(args.set))
+    annotator = load_annotator(args.annotator, device=device, teacher=args.teacher, recipe_lookup=recipes.get,
+                               settings=settings, **sam_kwargs)
     if args.serve:
         return _serve_annotations(annotator, progress)
     written = _annotate_once(annotator, args.input, args.boxes, args.out, progress)
     progress.done(**written)
     if progress.mode != "jsonl":
         print(f"labels written to {args.out} ({written['seconds']} s)")
+
+
+def annotator_settings(values: dict) -> tuple:
+    """``--set`` values -> (PropagationSettings, keyword arguments of the LiteMedSAM annotator)."""
+    from ..annotate.propagate import PropagationSettings
+
+    defaults = PropagationSettings()
+    fields, kwargs = {}, {}
+    for key, value in values.items():
+        where = f"--set {key}"
+        if key == "window":
+            parts = value.split(",") if isinstance(value, str) else value
+            try:
+                lo, hi = (float(v) for v in parts)
+            except (TypeError, ValueError):
+                raise InputError(f"{where}: expected LO,HI in HU, e.g. -160,240") from None
+            if not lo < hi:
+                raise InputError(f"{where}: the window's low end must be below its high end")
+            kwargs["window"] = (lo, hi)
+        elif key in ("input_size", "batch_size"):
+            if not isinstance(value, int) or value < 1 or (key == "input_size" and value % 16):
+                raise InputError(f"{where}: expected a positive integer{' (a multiple of 16)' if key == 'input_size' else ''}")
+            kwargs[key] = value
+        elif hasattr(defaults, key):
+            want = type(getattr(defaults, key))
+            if want is float and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise InputError(f"{where}: expected a {want.__name__}, got {value!r}")
+            fields[key] = value
+        else:
+            raise InputError(f"{where}: unknown annotator setting (window, input_size, batch_size, "
+                             f"{', '.join(defaults.__dataclass_fields__)})")
+    settings = PropagationSettings(**fields)
+    settings.check("--set")
+    return settings, kwargs
 
 
 def _annotate_once(annotator, input_path, boxes, out, progress, image_cache=None) -> dict:
@@ -421,6 +462,8 @@ def _serve_annotations(annotator, progress):
             progress.error(f"request: not valid JSON ({exc})")
         except InputError as exc:
             progress.error(str(exc).replace("\n", " "), id=rid)
+        except (Cancelled, KeyboardInterrupt):
+            raise
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the warm worker
             progress.error(f"internal error: {type(exc).__name__}: {exc}", id=rid)
             traceback.print_exc()

@@ -417,6 +417,7 @@ def models_root(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_litemedsam_worker_fills_a_tumour_on_a_tiny_volume(scene, models_root, monkeypatch):
     """The real default annotator in the warm worker: a bright two-slice cylinder in a 3D box
     (26 s measured on the 2 shared cores at load average ~12; importing torch and loading the model dominate)."""

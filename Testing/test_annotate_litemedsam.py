@@ -215,3 +215,37 @@ def test_cli_annotate_writes_a_label_map_on_the_image_grid(tmp_path, capsys, mod
     assert events[-1]["event"] == "done" and events[-1]["encoded_slices"] >= 6
     lab = read_label_map(out)
     assert lab.same_grid(vol) and dice(lab.array == 2, truth) >= 0.85
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("view=foo", "not one of crop, slice"),
+    ("window=240,-160", "low end"),
+    ("window=abc", "LO,HI"),
+    ("input_size=100", "multiple of 16"),
+    ("stride=0", "stride"),
+    ("bogus=1", "unknown annotator setting"),
+])
+def test_bad_annotator_settings_exit_2(tmp_path, capsys, setting, message):
+    _, _, image = _write_case(tmp_path)
+    boxes = _boxes_file(tmp_path, [{"label": "tumor", "ijk_min": [20, 20, 4], "ijk_max": [40, 40, 9]}])
+    out = tmp_path / "labels.nii.gz"
+    rc = cli(["annotate", "--input", str(image), "--boxes", str(boxes), "--out", str(out), "--annotator", "fill",
+              "--set", setting, "--progress", "none"])
+    assert rc == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_radiologist_boxes_are_one_per_tumour_and_not_tight():
+    from WeakLiverSegLib.data.boxes import radiologist_boxes
+
+    lab = np.zeros((10, 40, 40), np.uint8)
+    lab[1:9, 5:35, 5:35] = 1
+    lab[3:6, 10:14, 10:16] = 2
+    lab[4:7, 25:30, 25:28] = 2
+    tight = radiologist_boxes(lab, (1.0, 1.0, 2.0))
+    assert [b.label for b in tight] == ["liver", "tumor", "tumor"]
+    assert tight[1].ijk_min == (9, 9, 2) and tight[1].ijk_max == (16, 14, 6)      # 1 mm: 1 voxel in-plane, 1 slice
+    loose = radiologist_boxes(lab, (1.0, 1.0, 2.0), kind="loose", seed=3)
+    assert all(np.all(np.array(a.ijk_min) <= b.ijk_min) and np.all(np.array(a.ijk_max) >= b.ijk_max)
+               for a, b in zip(loose, tight))
+    flat = radiologist_boxes(lab, (1.0, 1.0, 2.0), kind="2d")
+    assert all(b.is_2d for b in flat if b.label == "tumor")

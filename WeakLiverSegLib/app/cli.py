@@ -600,6 +600,12 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     progress = Progress(args.progress)
+    return run_reporting(lambda: COMMANDS[args.command](args, progress), progress)
+
+
+def run_reporting(call, progress) -> int:
+    """Run ``call()`` with the exit-code contract: 0 ok (or ``call``'s own int), 2 bad input (one
+    line), 130 cancelled (SIGTERM too), 1 internal error with the traceback; errors also as events."""
 
     def on_term(signum, frame):  # Cancel from the Slicer module: stop at the next check
         progress.cancelled = True
@@ -610,8 +616,8 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread (e.g. called from a test thread)
         pass
     try:
-        COMMANDS[args.command](args, progress)
-        return 0
+        code = call()
+        return code if isinstance(code, int) else 0
     except InputError as exc:
         msg = str(exc).replace("\n", " ")
         progress.error(msg)

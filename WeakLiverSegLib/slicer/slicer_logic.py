@@ -1630,11 +1630,8 @@ def _job_commands(args, progress) -> int:
 
 def job_main(argv=None) -> int:
     import argparse
-    import signal
-    import sys
-    import traceback
 
-    from ..errors import Cancelled
+    from ..app.cli import run_reporting
     from ..app.progress import Progress
 
     parser = argparse.ArgumentParser(prog="python -m WeakLiverSegLib.slicer.slicer_logic",
@@ -1654,28 +1651,8 @@ def job_main(argv=None) -> int:
         if args.cli[:1] != ["segment"] or "--out" not in args.cli:
             parser.error("segment: expected -- segment ... --out LABELS (the arguments of 'weakliverseg segment')")
     progress = Progress("jsonl")
-
-    def on_term(signum, frame):
-        raise Cancelled("cancelled by signal")
-
-    try:
-        signal.signal(signal.SIGTERM, on_term)
-    except ValueError:
-        pass
-    try:
-        return {"segment": _job_segment, "add-case": _job_add_case, "commands": _job_commands}[args.step](args, progress)
-    except InputError as exc:
-        msg = str(exc).replace("\n", " ")
-        progress.error(msg)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except (Cancelled, KeyboardInterrupt):
-        progress.error("cancelled")
-        return 130
-    except Exception as exc:
-        progress.error(f"internal error: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        return 1
+    steps = {"segment": _job_segment, "add-case": _job_add_case, "commands": _job_commands}
+    return run_reporting(lambda: steps[args.step](args, progress), progress)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from WeakLiverSegLib.annotate import convert
 from WeakLiverSegLib.annotate.annotators import FillAnnotator, load_annotator
 from WeakLiverSegLib.annotate.litemedsam import LiteMedSAM
 from WeakLiverSegLib.app.cli import main as cli
-from WeakLiverSegLib.data.boxes import Box
+from WeakLiverSegLib.data.boxes import Box, box_mask
 from WeakLiverSegLib.data.imageio import read_label_map, write_image
 from WeakLiverSegLib.data.volume import Volume
 from WeakLiverSegLib.errors import InputError, ModelError
@@ -238,3 +238,30 @@ def test_radiologist_boxes_are_one_per_tumour_and_not_tight():
                for a, b in zip(loose, tight))
     flat = radiologist_boxes(lab, (1.0, 1.0, 2.0), kind="2d")
     assert all(b.is_2d for b in flat if b.label == "tumor")
+
+
+def test_fused_averages_the_two_tumour_probabilities_inside_tumour_boxes():
+    from types import SimpleNamespace
+
+    from WeakLiverSegLib.annotate.annotators import AnnotateResult, FusedAnnotator
+
+    vol, _ = cylinder_volume()
+    shape = vol.array.shape
+    liver, tumour = Box("liver", (5, 5, 1), (58, 58, 12)), Box("tumor", (20, 20, 4), (40, 40, 9))
+    p_sam = np.zeros(shape, np.float16)
+    p_sam[4:10, 20:41, 20:41] = 0.8          # LiteMedSAM: the whole box, confidently
+    p_teacher = np.zeros(shape, np.float32)
+    p_teacher[4:10, 25:36, 25:36] = 0.9      # the teacher: a smaller core
+    sam_labels = box_mask(shape, [liver]).astype(np.uint8)
+    sam_labels[p_sam > 0.5] = 2
+
+    class Sam:
+        def annotate(self, image, boxes, progress=None, image_key=None, keep_probabilities=False):
+            self.probabilities = p_sam
+            return AnnotateResult(image.with_array(sam_labels.copy()), encoded_slices=6)
+
+    teacher = SimpleNamespace(result=lambda image, boxes, progress=None: SimpleNamespace(
+        probabilities=image.with_array(p_teacher)))
+    lab = FusedAnnotator(Sam(), teacher).annotate(vol, [liver, tumour]).labels.array
+    assert (lab == 2).sum() == 6 * 11 * 11                     # (0.8 + 0.9) / 2 > 0.5 only in the core
+    assert lab[6, 21, 21] == 1 and lab[0, 0, 0] == 0           # dropped tumour stays liver inside the liver box

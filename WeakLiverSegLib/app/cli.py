@@ -236,6 +236,13 @@ def cmd_train(args, progress):
     ds = Dataset.load(args.dataset).check()   # the one validation of a store, before any work
     recipe = recipes.get(args.recipe)
     device = select_device(args.device)
+    from ..learn.distributed import init_from_env, is_main
+
+    device = init_from_env(device)   # torchrun: join the process group (no-op otherwise)
+    if not is_main():
+        from .progress import Progress
+
+        progress = Progress("none")   # rank 0 alone reports
     config = _load_config(args)
     if args.steps is not None:
         if args.steps < 1:

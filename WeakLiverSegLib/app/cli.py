@@ -227,6 +227,9 @@ def cmd_phantom(args, progress):
         print(f"wrote {len(ds.cases)} cases to {ds.root}")
 
 
+DISTRIBUTED_RECIPES = ("o2l",)   # recipes whose training loop wraps its networks in DDP (torchrun)
+
+
 def cmd_train(args, progress):
     from .. import recipes
     from ..data.store import Dataset
@@ -236,9 +239,12 @@ def cmd_train(args, progress):
     ds = Dataset.load(args.dataset).check()   # the one validation of a store, before any work
     recipe = recipes.get(args.recipe)
     device = select_device(args.device)
-    from ..learn.distributed import init_from_env, is_main
+    from ..learn.distributed import init_from_env, is_main, world_size
 
     device = init_from_env(device)   # torchrun: join the process group (no-op otherwise)
+    if world_size() > 1 and args.recipe not in DISTRIBUTED_RECIPES:
+        raise InputError(f"--recipe {args.recipe}: does not train with torchrun yet (only "
+                         f"{', '.join(DISTRIBUTED_RECIPES)}); run it as one process")
     if not is_main():
         from .progress import Progress
 

@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     device_arg(sp)
     progress_arg(sp)
 
-    sp = sub.add_parser("segment", help="segment one volume with a trained model")
+    sp = sub.add_parser("segment", help="segment one volume (or a folder / list of them) with a trained model",
+                        description="Segment one volume with a trained model.  Batch: --input a folder (NIfTI / NRRD / "
+                                    "MHA files, DICOM series one case per folder) or a .txt list of paths, --out a "
+                                    "folder: every case -> OUT/<case>.nii.gz, OUT/batch_summary.json (per case: input, "
+                                    "output, seconds, status ok | skipped | failed, message); cases whose output exists "
+                                    "are skipped (rerun to resume).  Exit codes: 0 all cases ok or skipped, 2 some "
+                                    "failed (or bad input), 130 cancelled.")
     sp.add_argument("--model", required=True, type=Path)
     sp.add_argument("--input", required=True, action="append", metavar="[PHASE=]IMAGE_OR_DICOM_DIR",
                     help="image file or DICOM folder; repeat as PHASE=PATH for multi-phase models")
@@ -75,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nii, .nrrd, .seg.nrrd, or .dcm (DICOM SEG; needs a DICOM series --input)")
     sp.add_argument("--probabilities", type=Path, help="also write the tumour probability map here")
     sp.add_argument("--uncertainty", type=Path, help="also write the predictive-entropy map here")
+    sp.add_argument("--jobs", type=int, default=1,
+                    help="batch only: worker processes, each loading the model once (default 1)")
     device_arg(sp)
     progress_arg(sp)
 
@@ -219,6 +227,9 @@ def cmd_phantom(args, progress):
         print(f"wrote {len(ds.cases)} cases to {ds.root}")
 
 
+DISTRIBUTED_RECIPES = ("o2l",)   # recipes whose training loop wraps its networks in DDP (torchrun)
+
+
 def cmd_train(args, progress):
     from .. import recipes
     from ..data.store import Dataset
@@ -228,6 +239,16 @@ def cmd_train(args, progress):
     ds = Dataset.load(args.dataset).check()   # the one validation of a store, before any work
     recipe = recipes.get(args.recipe)
     device = select_device(args.device)
+    from ..learn.distributed import init_from_env, is_main, world_size
+
+    device = init_from_env(device)   # torchrun: join the process group (no-op otherwise)
+    if world_size() > 1 and args.recipe not in DISTRIBUTED_RECIPES:
+        raise InputError(f"--recipe {args.recipe}: does not train with torchrun yet (only "
+                         f"{', '.join(DISTRIBUTED_RECIPES)}); run it as one process")
+    if not is_main():
+        from .progress import Progress
+
+        progress = Progress("none")   # rank 0 alone reports
     config = _load_config(args)
     if args.steps is not None:
         if args.steps < 1:
@@ -313,6 +334,10 @@ def read_boxes_json(path, reference) -> list:
 
 
 def cmd_segment(args, progress):
+    from .batch import is_batch_input
+
+    if is_batch_input(args.input):
+        return cmd_segment_batch(args, progress)
     from ..data.imageio import check_finite, check_same_grid, read_image, write_image, write_label_map
     from ..learn.modelstore import load_model
     from ..learn.training import select_device
@@ -357,6 +382,29 @@ def cmd_segment(args, progress):
     progress.done(**written)
     if progress.mode != "jsonl":
         print(f"segmentation written to {args.out}")
+
+
+def cmd_segment_batch(args, progress):
+    """``segment --input DIR_OR_LIST --out DIR``: every case; exit 2 (one line) when some failed."""
+    from .batch import SUMMARY_NAME, run_batch
+    from ..learn.training import select_device
+
+    extra = [f"--{k}" for k in ("boxes", "probabilities", "uncertainty") if getattr(args, k)]
+    if extra:
+        raise InputError(f"{', '.join(extra)}: not available in batch segmentation (--input {args.input[0]} is a "
+                         "folder or list); segment those cases one by one")
+    check_out_folder(args.out, "--out")
+    summary = run_batch(args.model, args.input[0], args.out, jobs=args.jobs, device=select_device(args.device),
+                        progress=progress)
+    counts = summary["counts"]
+    where = Path(args.out) / SUMMARY_NAME
+    if counts["failed"]:
+        first = next(r for r in summary["cases"] if r["status"] == "failed")
+        raise InputError(f"{counts['failed']} of {len(summary['cases'])} cases failed (first: {first['input']}: "
+                         f"{first['message']}); {counts['ok']} ok, {counts['skipped']} skipped; summary in {where}")
+    progress.done(summary=str(where), **{k: counts[k] for k in ("ok", "skipped", "failed")})
+    if progress.mode != "jsonl":
+        print(f"{counts['ok']} segmented, {counts['skipped']} skipped (already done) into {args.out}; summary {where}")
 
 
 def cmd_annotate(args, progress):

@@ -126,7 +126,7 @@ def test_create_add_reload(store):
     box0 = c0.boxes[0]
     assert f'"ijk_min": [{box0.ijk_min[0]}, {box0.ijk_min[1]}, {box0.ijk_min[2]}]' in ds.path.read_text()
     again.validate(deep=True)
-    assert not list(ds.root.rglob(".*"))  # no temp / staging / backup files left behind
+    assert [p.name for p in ds.root.rglob(".*")] == [".dataset.lock"]  # the store lock; no temp / staging / backup files
 
 
 def test_masks_stored_as_uint8_and_truth(tmp_path):

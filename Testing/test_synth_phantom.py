@@ -191,7 +191,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
         phantom.generate_cohort(tmp_path / name, seed=seed, **kw)
     a, b, c = (_files(tmp_path / n) for n in "abc")
-    assert len(a) == 3 * 4 + 1 + 1          # 2 phases + 2 truth files a case, 1 mask, dataset.json
+    assert len(a) == 3 * 4 + 1 + 1 + 1      # 2 phases + 2 truth files a case, 1 mask, dataset.json, .dataset.lock (empty)
     assert a == b
     images = [k for k in a if k.startswith("images/")]
     assert len(images) == 6 and all(a[k] != c[k] for k in images)

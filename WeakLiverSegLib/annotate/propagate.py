@@ -19,11 +19,15 @@ from scipy import ndimage
 
 @dataclass
 class PropagationSettings:
-    margin: float = 0.15         # prompt box grows by this fraction of its side (>= min_margin_px) per side
-    min_margin_px: int = 3
+    margin: float = 0.0          # prompt box grows by this fraction of its side (>= min_margin_px) per side
+    min_margin_px: int = 1       # (p01: 0 / 1 px 0.716 tumour Dice, 0 / 2 px 0.579, 0.15 / 3 px 0.487)
     min_pixels: int = 4          # a slice mask smaller than this ends the object
     max_growth: float = 2.5      # ... and so does one more than this times the previous slice's area
     min_overlap: float = 0.3     # ... or one whose overlap with the previous slice's mask is below this
+    min_contrast: float = 0.35   # ... or one whose contrast with its surroundings (mean HU inside minus in
+                                 # a 3-pixel ring) falls below this fraction of the first slice's (0: off).
+                                 # 2D boxes only: a 3D box bounds the object itself, and on p01's 3D boxes the
+                                 # rule stopped real tumours early (tumour Dice 0.716 with it, 0.838 without)
     view: str = "crop"           # "crop": encode a square around the box; "slice": the whole slice
     crop_context: float = 0.5    # crop side = box side * (1 + 2 * crop_context), at least crop_min_px
     crop_min_px: int = 64
@@ -36,7 +40,7 @@ class PropagationSettings:
             raise InputError(f"{where}.view: {self.view!r} is not one of crop, slice")
         if not (isinstance(self.stride, int) and self.stride >= 1):
             raise InputError(f"{where}.stride: expected an integer >= 1, got {self.stride!r}")
-        for name in ("margin", "crop_context", "max_growth", "min_overlap"):
+        for name in ("margin", "crop_context", "max_growth", "min_overlap", "min_contrast"):
             if not float(getattr(self, name)) >= 0:
                 raise InputError(f"{where}.{name}: expected a number >= 0, got {getattr(self, name)!r}")
 
@@ -107,6 +111,9 @@ class Propagator:
         first = self._predict(start, view, user, (ny, nx))
         if first.sum() < s.min_pixels:
             return out
+        self._array = array_zyx
+        self._flat = flat
+        self._contrast0 = self._contrast(start, first)
         out[start] = first
         for step in (1, -1):
             self._walk(out, start, step, zlo, zhi, view, limit, (ny, nx))
@@ -129,12 +136,24 @@ class Propagator:
             full = keep[lab]
         return full
 
-    def _accept(self, new, prev) -> bool:
+    def _contrast(self, k, mask) -> float:
+        """Mean HU (clipped to the model's window) inside ``mask`` minus in a 3-pixel ring around it."""
+        plane = np.clip(self._array[k], *self.predictor.window)
+        ring = ndimage.binary_dilation(mask, iterations=3) & ~mask
+        return float(plane[mask].mean() - plane[ring].mean()) if ring.any() else 0.0
+
+    def _accept(self, new, prev, k) -> bool:
         s = self.settings
         area = int(new.sum())
         if area < s.min_pixels or area > s.max_growth * max(int(prev.sum()), s.min_pixels):
             return False
-        return (new & ndimage.binary_dilation(prev, iterations=2)).sum() >= s.min_overlap * area
+        if (new & ndimage.binary_dilation(prev, iterations=2)).sum() < s.min_overlap * area:
+            return False
+        if self._flat and s.min_contrast > 0 and abs(self._contrast0) > 1e-6:
+            c = self._contrast(k, new) / self._contrast0     # same sign and a good part of the start's
+            if c < s.min_contrast:
+                return False
+        return True
 
     def _walk(self, out, start, step, zlo, zhi, view, limit, shape):
         s = self.settings
@@ -147,7 +166,7 @@ class Propagator:
                 span = [k + step * s.stride * n for n in range(self.predictor.batch_size)]
                 self.predictor.embeddings([z for z in span if zlo <= z <= zhi], view)
             mask = self._predict(k, view, self._prompt(out[prev_k], limit), shape)
-            if self._accept(mask, out[prev_k]):
+            if self._accept(mask, out[prev_k], k):
                 self._fill_between(out, prev_k, k)
                 out[k] = mask
                 prev_k = k
@@ -155,7 +174,7 @@ class Propagator:
             # the object ended between prev_k and k: try the skipped slices one by one
             for kk in range(prev_k + step, k, step):
                 mask = self._predict(kk, view, self._prompt(out[prev_k], limit), shape)
-                if not self._accept(mask, out[prev_k]):
+                if not self._accept(mask, out[prev_k], kk):
                     break
                 out[kk] = mask
                 prev_k = kk

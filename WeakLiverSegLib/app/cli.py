@@ -70,15 +70,40 @@ def build_parser() -> argparse.ArgumentParser:
     device_arg(sp)
     progress_arg(sp)
 
-    sp = sub.add_parser("segment", help="segment one volume with a trained model")
+    sp = sub.add_parser("segment", help="segment one volume (or a folder / list of them) with a trained model",
+                        description="Segment one volume with a trained model.  Batch: --input a folder (NIfTI / NRRD / "
+                                    "MHA files, DICOM series one case per folder) or a .txt list of paths, --out a "
+                                    "folder: every case -> OUT/<case>.nii.gz, OUT/batch_summary.json (per case: input, "
+                                    "output, seconds, status ok | skipped | failed, message); cases whose output exists "
+                                    "are skipped (rerun to resume).  Exit codes: 0 all cases ok or skipped, 2 some "
+                                    "failed (or bad input), 130 cancelled.")
     sp.add_argument("--model", type=Path,
                     help="model folder (default: the shipped starter model, Resources/models/starter)")
     sp.add_argument("--input", required=True, action="append", metavar="[PHASE=]IMAGE_OR_DICOM_DIR",
                     help="image file or DICOM folder; repeat as PHASE=PATH for multi-phase models")
     sp.add_argument("--boxes", type=Path, help="JSON list of boxes (store format) for teacher models")
-    sp.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nii, .nrrd or .seg.nrrd")
+    sp.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nii, .nrrd, .seg.nrrd, or .dcm (DICOM SEG; needs a DICOM series --input)")
     sp.add_argument("--probabilities", type=Path, help="also write the tumour probability map here")
     sp.add_argument("--uncertainty", type=Path, help="also write the predictive-entropy map here")
+    sp.add_argument("--jobs", type=int, default=1,
+                    help="batch only: worker processes, each loading the model once (default 1)")
+    device_arg(sp)
+    progress_arg(sp)
+
+    sp = sub.add_parser("annotate", help="turn boxes into a label map with a box annotator (LiteMedSAM by default)")
+    sp.add_argument("--input", type=Path, metavar="IMAGE_OR_DICOM_DIR", help="the image the boxes were drawn on")
+    sp.add_argument("--boxes", type=Path, help="boxes JSON (store format: a list, or {\"boxes\": [...], \"liver_box\": {...}})")
+    sp.add_argument("--out", type=Path, help="label map: .nii.gz, .nii, .nrrd or .seg.nrrd (1 liver, 2 tumour)")
+    sp.add_argument("--annotator", default="litemedsam",
+                    help="litemedsam (default, pretrained), fill (box filling), fused (litemedsam + --teacher), "
+                         "or a model folder (fine-tuned LiteMedSAM, or a trained model whose teacher annotates)")
+    sp.add_argument("--teacher", type=Path, help="trained model folder whose teacher is fused with LiteMedSAM")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="LiteMedSAM setting: view=crop|slice, input_size, stride, window=LO,HI (HU), batch_size, "
+                         "margin, min_contrast, ... (see annotate/propagate.py)")
+    sp.add_argument("--serve", action="store_true",
+                    help="stay loaded: read one JSON request a line on stdin ({\"id\", \"input\", \"boxes\" or "
+                         "\"boxes_file\", \"out\"}), answer with jsonl events (the Slicer module's warm worker)")
     device_arg(sp)
     progress_arg(sp)
 
@@ -102,6 +127,42 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, type=Path)
     sp.add_argument("--which", default="all", help="comma list of benchmarks (default all)")
     device_arg(sp)
+    progress_arg(sp, default="none")
+
+    sp = sub.add_parser("export", help="write a store as an nnU-Net v2, MSD (MONAI) or plain NIfTI dataset")
+    sp.add_argument("--dataset", required=True, type=Path, help="weak-label store to export")
+    sp.add_argument("--format", required=True, choices=("nnunet", "msd", "nifti"))
+    sp.add_argument("--out", required=True, type=Path, help="new folder (nnU-Net: nnUNet_raw/DatasetNNN_Name)")
+    sp.add_argument("--include-pseudo", type=Path, metavar="MODEL",
+                    help="give weak-only cases this model's teacher pseudo-labels (marked pseudo in the export)")
+    sp.add_argument("--phases", help="comma list of phases to export, in channel order (default: those all cases have)")
+    device_arg(sp)
+    progress_arg(sp)
+
+    sp = sub.add_parser("import", help="read an nnU-Net v2 raw dataset or an MSD-style folder into a new store")
+    sp.add_argument("--source", required=True, type=Path, help="folder with dataset.json (nnU-Net or MSD)")
+    sp.add_argument("--out", required=True, type=Path, help="new weak-label store")
+    sp.add_argument("--format", choices=("auto", "nnunet", "msd"), default="auto")
+    sp.add_argument("--name", help="dataset name (default: the source's)")
+    progress_arg(sp)
+
+    sp = sub.add_parser("dicomseg", help="write a label map (pseudo-label, store mask) as a DICOM SEG of its CT series")
+    sp.add_argument("--labels", required=True, type=Path, help="label map (0/1/2) on the grid of the series")
+    sp.add_argument("--dicom", required=True, type=Path, help="the source CT DICOM series folder")
+    sp.add_argument("--out", required=True, type=Path, help="DICOM SEG file (.dcm)")
+    sp.add_argument("--algorithm-type", choices=("AUTOMATIC", "SEMIAUTOMATIC", "MANUAL"), default="SEMIAUTOMATIC",
+                    help="AUTOMATIC (a model alone), SEMIAUTOMATIC (box-derived, the default), MANUAL (expert mask)")
+    sp.add_argument("--recipe", help="recipe that made the labels (recorded in the algorithm identification)")
+    progress_arg(sp, default="none")
+
+    sp = sub.add_parser("add-case", help="add one case (image(s), optional mask: NIfTI, .seg.nrrd or DICOM SEG) to a store")
+    sp.add_argument("--dataset", required=True, type=Path, help="weak-label store (created if absent)")
+    sp.add_argument("--case", required=True, help="case id")
+    sp.add_argument("--image", required=True, action="append", metavar="[PHASE=]IMAGE_OR_DICOM_DIR")
+    sp.add_argument("--mask", type=Path, help="label map of the first image: NIfTI / NRRD / .seg.nrrd / DICOM SEG")
+    sp.add_argument("--boxes", type=Path, help="JSON list of boxes (store format)")
+    sp.add_argument("--split", choices=("train", "val", "test"), default="train")
+    sp.add_argument("--overwrite", action="store_true")
     progress_arg(sp, default="none")
     return p
 
@@ -141,6 +202,14 @@ def _load_config(args) -> dict:
     return deep_update(cfg, parse_overrides(getattr(args, "set", [])))
 
 
+def check_out_folder(path, option: str) -> None:
+    """An output folder must be a folder or creatable: InputError naming the file in the way."""
+    path = Path(path)
+    blocker = next((p for p in [path, *path.parents] if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"{option} {path}: cannot create the folder, {blocker} is a file")
+
+
 def _randomization_arg(text):
     """--randomize: a preset name or a JSON object of knobs (None when not given)."""
     if text is None or not text.strip().startswith("{"):
@@ -174,14 +243,28 @@ def cmd_phantom(args, progress):
         print(f"wrote {len(ds.cases)} cases to {ds.root}")
 
 
+DISTRIBUTED_RECIPES = ("o2l",)   # recipes whose training loop wraps its networks in DDP (torchrun)
+
+
 def cmd_train(args, progress):
     from .. import recipes
     from ..data.store import Dataset
     from ..learn.training import select_device
 
-    ds = Dataset.load(args.dataset)
+    check_out_folder(args.out, "--out")
+    ds = Dataset.load(args.dataset).check()   # the one validation of a store, before any work
     recipe = recipes.get(args.recipe)
     device = select_device(args.device)
+    from ..learn.distributed import init_from_env, is_main, world_size
+
+    device = init_from_env(device)   # torchrun: join the process group (no-op otherwise)
+    if world_size() > 1 and args.recipe not in DISTRIBUTED_RECIPES:
+        raise InputError(f"--recipe {args.recipe}: does not train with torchrun yet (only "
+                         f"{', '.join(DISTRIBUTED_RECIPES)}); run it as one process")
+    if not is_main():
+        from .progress import Progress
+
+        progress = Progress("none")   # rank 0 alone reports
     config = _load_config(args)
     if args.steps is not None:
         if args.steps < 1:
@@ -197,17 +280,17 @@ def cmd_train(args, progress):
 
 
 def cmd_pseudo(args, progress):
-    from .. import recipes
     from ..learn.modelstore import load_model
     from ..data.store import Dataset
     from ..learn.training import select_device
 
     device = select_device(args.device)
     model = load_model(args.model, device=device)
-    recipe = recipes.get(model.recipe)
+    recipe = model_recipe(model)
     if not hasattr(recipe, "pseudo"):
         raise InputError(f"{args.model}: recipe {model.recipe!r} has no teacher to make pseudo-labels")
-    out = recipe.pseudo(model, Dataset.load(args.dataset), args.out, device, progress)
+    check_out_folder(args.out, "--out")
+    out = recipe.pseudo(model, Dataset.load(args.dataset).check(), args.out, device, progress)
     progress.done(dataset=str(out))
 
 
@@ -226,42 +309,67 @@ def parse_inputs(items) -> dict:
     return out
 
 
-def read_boxes_json(path, reference) -> list:
-    from ..data.boxes import Box
+def model_recipe(model):
+    """The recipe a loaded model names; an unknown one is an error about model.json, not --recipe."""
+    from .. import recipes
 
+    try:
+        return recipes.get(model.recipe)
+    except InputError as exc:
+        raise InputError(f"{model.path / 'model.json'} recipe: {str(exc).replace('--recipe: ', '')}; "
+                         f"the model was made by another version or is corrupt") from None
+
+
+def check_phases(paths: dict, model) -> None:
+    """``--input PHASE=PATH``: every phase name must be one the model reads, and the phases it needs
+    at inference must all be given (a wsts model is not fed its enhanced phase as the plain one)."""
+    inp = model.meta.get("input", {}) or {}
+    needed = list(inp.get("inference_phases") or inp.get("phases") or [])
+    known = set(needed) | set(inp.get("phases") or [])
+    if not needed:
+        return
+    where = model.path / "model.json"
+    for phase in paths:
+        if phase not in known:
+            raise InputError(f"--input {phase}=...: unknown phase {phase!r}; the model ({where}) reads "
+                             f"{' + '.join(needed)} (give --input {needed[0]}=FILE, or the file alone)")
+    missing = [p for p in needed if p not in paths]
+    if missing:
+        raise InputError(f"--input: the model ({where}) segments from phase(s) {needed}; {missing} not given "
+                         f"(got {sorted(paths)})")
+
+
+def read_boxes_json(path, reference) -> list:
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(f"{path}: boxes file not found") from None
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: not valid JSON ({exc})") from None
-    if isinstance(raw, dict):
-        raw = list(raw.get("boxes", [])) + ([raw["liver_box"]] if raw.get("liver_box") else [])
-    if not isinstance(raw, list):
-        raise InputError(f"{path}: expected a list of boxes")
-    boxes = []
-    for n, item in enumerate(raw):
-        box = Box.from_json(item, where=f"{path} [{n}]")
-        box.validate(reference, where=f"{path} [{n}]")
-        boxes.append(box)
-    return boxes
+    return parse_boxes(raw, reference, str(path))
 
 
 def cmd_segment(args, progress):
-    from .. import recipes
+    from .batch import is_batch_input
+
+    if args.model is None:      # no --model: the shipped starter model (single and batch)
+        from ..learn.modelstore import default_model
+
+        args.model = default_model()
+    if is_batch_input(args.input):
+        return cmd_segment_batch(args, progress)
     from ..data.imageio import check_finite, check_same_grid, read_image, write_image, write_label_map
     from ..learn.modelstore import load_model
     from ..learn.training import select_device
 
     device = select_device(args.device)
-    if args.model is None:
-        from ..learn.modelstore import default_model
-
-        args.model = default_model()
+    check_out_folder(Path(args.out).parent, "--out")
     model = load_model(args.model, device=device)
-    recipe = recipes.get(model.recipe)
+    recipe = model_recipe(model)
     paths = parse_inputs(args.input)
     phases = model.meta.get("input", {}).get("inference_phases") or model.meta.get("input", {}).get("phases") or []
+    if None not in paths:
+        check_phases(paths, model)
     if None in paths:
         images = {(phases[0] if phases else "ct"): read_image(paths[None])}
     else:
@@ -271,8 +379,15 @@ def cmd_segment(args, progress):
         check_finite(vol, where=str(paths.get(phase, paths.get(None))))
         check_same_grid(ref, vol, where=f"--input {phase}")
     boxes = read_boxes_json(args.boxes, ref) if args.boxes else None
+    dicom_source = _dicom_seg_source(args.out, paths)
     result = recipe.segment(model, images, boxes=boxes, device=device, progress=progress)
-    write_label_map(result.labels, args.out)
+    if dicom_source is not None:
+        from ..data.dicom_seg import write_dicom_seg
+
+        write_dicom_seg(result.labels, args.out, dicom_source, recipe=model.recipe, model_name=Path(args.model).name,
+                        algorithm_type="SEMIAUTOMATIC" if boxes else "AUTOMATIC")
+    else:
+        write_label_map(result.labels, args.out)
     written = {"labels": str(args.out)}
     if args.probabilities:
         if result.probabilities is None:
@@ -287,6 +402,226 @@ def cmd_segment(args, progress):
     progress.done(**written)
     if progress.mode != "jsonl":
         print(f"segmentation written to {args.out}")
+
+
+def cmd_segment_batch(args, progress):
+    """``segment --input DIR_OR_LIST --out DIR``: every case; exit 2 (one line) when some failed."""
+    from .batch import SUMMARY_NAME, run_batch
+    from ..learn.training import select_device
+
+    extra = [f"--{k}" for k in ("boxes", "probabilities", "uncertainty") if getattr(args, k)]
+    if extra:
+        raise InputError(f"{', '.join(extra)}: not available in batch segmentation (--input {args.input[0]} is a "
+                         "folder or list); segment those cases one by one")
+    check_out_folder(args.out, "--out")
+    summary = run_batch(args.model, args.input[0], args.out, jobs=args.jobs, device=select_device(args.device),
+                        progress=progress)
+    counts = summary["counts"]
+    where = Path(args.out) / SUMMARY_NAME
+    if counts["failed"]:
+        first = next(r for r in summary["cases"] if r["status"] == "failed")
+        raise InputError(f"{counts['failed']} of {len(summary['cases'])} cases failed (first: {first['input']}: "
+                         f"{first['message']}); {counts['ok']} ok, {counts['skipped']} skipped; summary in {where}")
+    progress.done(summary=str(where), **{k: counts[k] for k in ("ok", "skipped", "failed")})
+    if progress.mode != "jsonl":
+        print(f"{counts['ok']} segmented, {counts['skipped']} skipped (already done) into {args.out}; summary {where}")
+
+
+def cmd_annotate(args, progress):
+    from ..annotate.annotators import load_annotator
+    from ..learn.training import select_device
+    from .. import recipes
+
+    if not args.serve:
+        missing = [f"--{k}" for k in ("input", "boxes", "out") if getattr(args, k) is None]
+        if missing:
+            raise InputError(f"annotate: {', '.join(missing)} required (or --serve)")
+    device = select_device(args.device)
+    settings, sam_kwargs = annotator_settings(parse_overrides(args.set))
+    annotator = load_annotator(args.annotator, device=device, teacher=args.teacher, recipe_lookup=recipes.get,
+                               settings=settings, **sam_kwargs)
+    if args.serve:
+        return _serve_annotations(annotator, progress)
+    written = _annotate_once(annotator, args.input, args.boxes, args.out, progress)
+    progress.done(**written)
+    if progress.mode != "jsonl":
+        print(f"labels written to {args.out} ({written['seconds']} s)")
+
+
+def annotator_settings(values: dict) -> tuple:
+    """``--set`` values -> (PropagationSettings, keyword arguments of the LiteMedSAM annotator)."""
+    from ..annotate.propagate import PropagationSettings
+
+    defaults = PropagationSettings()
+    fields, kwargs = {}, {}
+    for key, value in values.items():
+        where = f"--set {key}"
+        if key == "window":
+            parts = value.split(",") if isinstance(value, str) else value
+            try:
+                lo, hi = (float(v) for v in parts)
+            except (TypeError, ValueError):
+                raise InputError(f"{where}: expected LO,HI in HU, e.g. -160,240") from None
+            if not lo < hi:
+                raise InputError(f"{where}: the window's low end must be below its high end")
+            kwargs["window"] = (lo, hi)
+        elif key in ("input_size", "batch_size"):
+            if not isinstance(value, int) or value < 1 or (key == "input_size" and value % 16):
+                raise InputError(f"{where}: expected a positive integer{' (a multiple of 16)' if key == 'input_size' else ''}")
+            kwargs[key] = value
+        elif hasattr(defaults, key):
+            want = type(getattr(defaults, key))
+            if want is float and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise InputError(f"{where}: expected a {want.__name__}, got {value!r}")
+            fields[key] = value
+        else:
+            raise InputError(f"{where}: unknown annotator setting (window, input_size, batch_size, "
+                             f"{', '.join(defaults.__dataclass_fields__)})")
+    settings = PropagationSettings(**fields)
+    settings.check("--set")
+    return settings, kwargs
+
+
+def _annotate_once(annotator, input_path, boxes, out, progress, image_cache=None) -> dict:
+    """Read, annotate, write; ``boxes`` a JSON file or an already parsed list. Nothing is written on error."""
+    from ..data.imageio import check_finite, read_image, write_label_map
+
+    input_path = Path(input_path)
+    key = (str(input_path.resolve()), input_path.stat().st_mtime_ns if input_path.exists() else None)
+    if image_cache is not None and image_cache.get("key") == key:
+        image = image_cache["image"]
+    else:
+        image = read_image(input_path)
+        check_finite(image, where=str(input_path))
+        if image_cache is not None:
+            image_cache.update(key=key, image=image)
+    box_list = read_boxes_json(boxes, image) if not isinstance(boxes, list) else parse_boxes(boxes, image, "boxes")
+    kwargs = {"image_key": key} if hasattr(annotator, "predictor") else {}
+    result = annotator.annotate(image, box_list, progress, **kwargs)
+    write_label_map(result.labels, out)
+    return {"labels": str(out), "seconds": round(result.seconds, 2), "encoded_slices": result.encoded_slices,
+            "boxes": result.per_box}
+
+
+def _serve_annotations(annotator, progress):
+    """The warm worker: one request a line on stdin until EOF; a bad request answers an error event."""
+    cache: dict = {}
+    progress.log(f"annotator {annotator.name} ready")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        rid = None
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise InputError("request: expected a JSON object")
+            rid = req.get("id")
+            for key in ("input", "out"):
+                if not req.get(key):
+                    raise InputError(f"request {rid}: field {key!r} missing")
+            boxes = req.get("boxes") if req.get("boxes") is not None else req.get("boxes_file")
+            if boxes is None:
+                raise InputError(f"request {rid}: give boxes (a list) or boxes_file")
+            written = _annotate_once(annotator, req["input"], boxes, Path(req["out"]), progress, cache)
+            progress.done(id=rid, **written)
+        except json.JSONDecodeError as exc:
+            progress.error(f"request: not valid JSON ({exc})")
+        except InputError as exc:
+            progress.error(str(exc).replace("\n", " "), id=rid)
+        except (Cancelled, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # noqa: BLE001 - one failed request must not end the warm worker
+            progress.error(f"internal error: {type(exc).__name__}: {exc}", id=rid)
+            traceback.print_exc()
+
+
+def parse_boxes(raw, reference, where) -> list:
+    """Store-format boxes (a list, or {"boxes": [...], "liver_box": {...}}) -> validated ``Box`` list."""
+    from ..data.boxes import Box
+
+    if isinstance(raw, dict):
+        raw = list(raw.get("boxes", [])) + ([raw["liver_box"]] if raw.get("liver_box") else [])
+    if not isinstance(raw, list):
+        raise InputError(f"{where}: expected a list of boxes")
+    boxes = []
+    for n, item in enumerate(raw):
+        box = Box.from_json(item, where=f"{where} [{n}]")
+        box.validate(reference, where=f"{where} [{n}]")
+        boxes.append(box)
+    return boxes
+def _dicom_seg_source(out, paths) -> Path | None:
+    """The DICOM series a ``segment --out FILE.dcm`` refers to (the first input), else None."""
+    if Path(out).suffix.lower() != ".dcm":
+        return None
+    source = next(iter(paths.values()))
+    if not Path(source).is_dir():
+        raise InputError(f"--out {out}: a DICOM SEG needs a DICOM series as the (first) --input; {source} is a file "
+                         "(write .nii.gz or .seg.nrrd instead)")
+    return Path(source)
+
+
+def cmd_export(args, progress):
+    from .exchange import run_export
+    from ..learn.training import select_device
+
+    phases = [p.strip() for p in args.phases.split(",") if p.strip()] if args.phases else None
+    device = select_device(args.device) if args.include_pseudo else "cpu"
+    summary = run_export(args.dataset, args.out, args.format, include_pseudo=args.include_pseudo, phases=phases,
+                         device=device, progress=progress)
+    sources = list(summary["label_sources"].values())
+    progress.done(out=str(args.out), training=summary["training"], validation=summary["validation"],
+                  test=summary["test"], expert=sources.count("expert"), pseudo=sources.count("pseudo"),
+                  skipped=len(summary["skipped"]))
+    if progress.mode != "jsonl":
+        print(f"exported {summary['training']} training, {summary['validation']} validation, {summary['test']} test "
+              f"cases ({sources.count('expert')} expert, {sources.count('pseudo')} pseudo labels; "
+              f"{len(summary['skipped'])} skipped) to {args.out} ({args.format})")
+
+
+def cmd_import(args, progress):
+    from ..data.exchange import import_dataset
+
+    summary = import_dataset(args.source, args.out, name=args.name,
+                             fmt=None if args.format == "auto" else args.format, progress=progress)
+    progress.done(**summary)
+    if progress.mode != "jsonl":
+        extra = f"; {len(summary['pseudo_not_imported'])} pseudo-labels left out" if summary["pseudo_not_imported"] else ""
+        print(f"imported {summary['cases']} cases ({summary['masks']} masks) from {args.source} ({summary['format']}) "
+              f"into {args.out}{extra}")
+
+
+def cmd_dicomseg(args, progress):
+    from ..data.dicom_seg import write_dicom_seg
+    from ..data.imageio import read_label_map
+
+    write_dicom_seg(read_label_map(args.labels), args.out, args.dicom, recipe=args.recipe,
+                    algorithm_type=args.algorithm_type)
+    progress.done(out=str(args.out))
+    if progress.mode != "jsonl":
+        print(f"DICOM SEG written to {args.out}")
+
+
+def cmd_add_case(args, progress):
+    from ..data.imageio import check_finite, read_image, read_label_map
+    from ..data.store import Dataset
+
+    paths = parse_inputs(args.image)
+    images = {(phase or "ct"): read_image(path) for phase, path in paths.items()}
+    for phase, volume in images.items():
+        check_finite(volume, where=str(paths.get(phase, paths.get(None))))
+    reference = next(iter(images.values()))
+    mask = read_label_map(args.mask, reference=reference) if args.mask else None
+    boxes = read_boxes_json(args.boxes, reference) if args.boxes else ()
+    if args.dataset.exists() and (args.dataset / "dataset.json").exists():
+        dataset = Dataset.load(args.dataset)
+    else:
+        dataset = Dataset.create(args.dataset)
+    case = dataset.add_case(args.case, images, mask=mask, boxes=boxes, split=args.split, overwrite=args.overwrite)
+    progress.done(dataset=str(args.dataset), case=case.id)
+    if progress.mode != "jsonl":
+        print(f"case {case.id} added to {args.dataset}")
 
 
 def cmd_evaluate(args, progress):
@@ -323,7 +658,9 @@ def cmd_bench(args, progress):
 
 
 COMMANDS = {"phantom": cmd_phantom, "train": cmd_train, "pseudo": cmd_pseudo, "segment": cmd_segment,
-            "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench}
+            "annotate": cmd_annotate,
+            "evaluate": cmd_evaluate, "demo": cmd_demo, "bench": cmd_bench, "export": cmd_export,
+            "import": cmd_import, "dicomseg": cmd_dicomseg, "add-case": cmd_add_case}
 
 
 def main(argv=None) -> int:
@@ -331,6 +668,12 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     progress = Progress(args.progress)
+    return run_reporting(lambda: COMMANDS[args.command](args, progress), progress)
+
+
+def run_reporting(call, progress) -> int:
+    """Run ``call()`` with the exit-code contract: 0 ok (or ``call``'s own int), 2 bad input (one
+    line), 130 cancelled (SIGTERM too), 1 internal error with the traceback; errors also as events."""
 
     def on_term(signum, frame):  # Cancel from the Slicer module: stop at the next check
         progress.cancelled = True
@@ -341,8 +684,8 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread (e.g. called from a test thread)
         pass
     try:
-        COMMANDS[args.command](args, progress)
-        return 0
+        code = call()
+        return code if isinstance(code, int) else 0
     except InputError as exc:
         msg = str(exc).replace("\n", " ")
         progress.error(msg)

@@ -75,8 +75,8 @@ class Progress:
     def done(self, **fields):
         self._emit({"event": "done", **{k: _jsonable(v) for k, v in fields.items()}})
 
-    def error(self, message: str):
-        self._emit({"event": "error", "message": message})
+    def error(self, message: str, **fields):
+        self._emit({"event": "error", **{k: _jsonable(v) for k, v in fields.items()}, "message": message})
 
     def check_cancelled(self):
         from ..errors import Cancelled

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import struct
+import sys
+import tempfile
+import threading
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from ..errors import InputError
+from .safeio import check_written, fsync_file, make_parent, os_reason, short_write_reason
 from .terminology import segment_styles
 from .volume import Volume
 
@@ -40,16 +46,22 @@ def read_image(path) -> Volume:
         raise InputError(f"{path}: image file not found")
     if path.is_dir():
         return read_dicom_series(path)
+    if path.suffix.lower() in ("", ".dcm") and _is_dicom_seg(path):
+        raise InputError(f"{path}: is a DICOM SEG (a segmentation), not an image; give it where a mask or label map is expected")
+    _refuse_non_image_dicom(path)
+    itk = []
     try:
-        reader = sitk.ImageFileReader()
-        reader.SetFileName(str(path))
-        image_io = reader.GetImageIOFromFileName(str(path))
-        if image_io == "NiftiImageIO":
-            _check_nifti_complete(path)
-            _check_nifti_finite(path)
-        image = reader.Execute()
+        with itk_messages(itk):
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            image_io = reader.GetImageIOFromFileName(str(path))
+            if image_io == "NiftiImageIO":
+                _check_nifti_complete(path)
+                _check_nifti_finite(path)
+            image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"{path}: cannot read image, the file is corrupt or not a NIfTI/NRRD/MHA/DICOM image ({_first_line(exc)})") from None
+        raise InputError(f"{path}: cannot read image, the file is corrupt or not a NIfTI/NRRD/MHA/DICOM image "
+                         f"({_first_line(exc)}{_itk_warnings(itk)})") from None
     is_dicom = image_io == "GDCMImageIO"
     if is_dicom and image.GetDimension() == 3 and image.GetSize()[2] == 1:
         raise InputError(f"{path}: is a single DICOM slice (2D); a 3D image is needed: give the folder holding the whole series")
@@ -58,32 +70,52 @@ def read_image(path) -> Volume:
 
 def _check_nifti_complete(path: Path) -> None:
     """ITK zero-fills a truncated NIfTI without a word: compare the data size with the header's."""
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    sizes = _nifti_sizes(path)
+    if sizes is not None and sizes[0] < sizes[1]:
+        actual, expected = sizes
+        raise InputError(f"{path}: NIfTI file is truncated ({actual} of the {expected} bytes of header and image "
+                         f"data are present); the file was cut short by an interrupted copy, download or write")
+
+
+def _nifti_sizes(path: Path):
+    """(bytes present, bytes the header promises) of a single-file NIfTI (.nii / .nii.gz), or None
+    when there is nothing to compare (not NIfTI-1/2, a .hdr/.img pair, unreadable: ITK says why)."""
+    gz = path.name.lower().endswith(".gz")
+    opener = gzip.open if gz else open
     try:
         with opener(path, "rb") as stream:
             header = stream.read(544)
     except (OSError, EOFError, zlib.error):
-        return  # not gzip / unreadable: ITK's own error message follows
+        return None
     expected = _nifti_expected_size(header)
     if expected is None:
-        return  # an .hdr/.img pair or an unknown layout: nothing to compare
-    if opener is open:
-        actual = path.stat().st_size
-    else:
-        with open(path, "rb") as raw:  # gzip trailer: uncompressed size mod 2**32 (one member)
-            raw.seek(-4, os.SEEK_END)
-            trailer = struct.unpack("<I", raw.read(4))[0]
-        if trailer == expected % 2**32:
-            return
-        actual = 0  # trailer disagrees (truncated or multi-member): count the real bytes
-        try:
-            with gzip.open(path, "rb") as stream:
-                while chunk := stream.read(1 << 22):
-                    actual += len(chunk)
-        except (OSError, EOFError, zlib.error):
-            pass
-    if actual < expected:
-        raise InputError(f"{path}: NIfTI file is truncated or corrupt ({actual} bytes of image data and header, {expected} expected)")
+        return None
+    if not gz:
+        return path.stat().st_size, expected
+    with open(path, "rb") as raw:  # gzip trailer: uncompressed size mod 2**32 (one member)
+        raw.seek(-4, os.SEEK_END)
+        trailer = struct.unpack("<I", raw.read(4))[0]
+    if trailer == expected % 2**32:
+        return expected, expected
+    return _gzip_data_size(path), expected  # trailer disagrees (truncated or multi-member): count
+
+
+def _gzip_data_size(path: Path) -> int:
+    """Bytes a gzip file decompresses to, counting up to where a truncated or damaged one ends."""
+    actual = 0
+    with open(path, "rb") as raw:
+        while True:  # one gzip member after the other
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                while chunk := raw.read(1 << 20):
+                    actual += len(inflater.decompress(chunk))
+                    if inflater.eof:
+                        break
+            except zlib.error:
+                return actual
+            if not inflater.eof or not inflater.unused_data.strip(b"\0"):
+                return actual
+            raw.seek(-len(inflater.unused_data), os.SEEK_CUR)
 
 
 def _check_nifti_finite(path: Path) -> None:
@@ -145,16 +177,22 @@ def read_dicom_series(folder) -> Volume:
     reader = sitk.ImageSeriesReader()
     series = reader.GetGDCMSeriesIDs(str(folder))
     if not series:
+        for path in sorted(folder.iterdir())[:200]:  # a folder of SEG / RT STRUCT files only: say so
+            if path.is_file():
+                _refuse_non_image_dicom(path, folder)
         raise InputError(f"{folder}: no DICOM series found in this folder")
     files = max((reader.GetGDCMSeriesFileNames(str(folder), uid) for uid in series), key=len)
+    _refuse_non_image_dicom(Path(files[0]), folder)
     if len(files) < 2:
         raise InputError(f"{folder}: the DICOM series has a single slice (2D); a 3D image is needed")
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()
+    itk = []
     try:
-        image = reader.Execute()
+        with itk_messages(itk):
+            image = reader.Execute()
     except RuntimeError as exc:
-        raise InputError(f"{folder}: cannot read DICOM series ({_first_line(exc)})") from None
+        raise InputError(f"{folder}: cannot read DICOM series ({_first_line(exc)}{_itk_warnings(itk)})") from None
     _check_even_slices(reader, image, folder)
     return _as_scalar_3d(image, folder)
 
@@ -259,32 +297,66 @@ def write_image(volume: Volume, path, compress: bool = True) -> Path:
         raise InputError(f"{path}: use write_seg_nrrd (or write_label_map) for Slicer segmentation files")
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
         raise InputError(f"{path}: unknown image file extension; use one of {', '.join(IMAGE_SUFFIXES)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path, "image")
     tmp = _temp_name(path)
+    itk = []
     try:
-        sitk.WriteImage(volume.to_sitk(), str(tmp), compress)
+        with itk_messages(itk):
+            sitk.WriteImage(volume.to_sitk(), str(tmp), compress)
+            _verify_image_file(tmp, volume)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except (RuntimeError, OSError) as exc:
+        raise InputError(f"{path}: cannot write image ({os_reason(exc)}{_itk_warnings(itk)}); "
+                         f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
+    finally:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write image ({_first_line(exc)})") from None
     return path
+
+
+def _verify_image_file(tmp: Path, volume: Volume) -> None:
+    """Read back what a writer produced before it replaces anything: OSError when the file is empty,
+    short (a full disk that the writer did not report), or its header disagrees with ``volume``."""
+    check_written(tmp)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(tmp))
+    try:
+        reader.ReadImageInformation()
+        if tuple(reader.GetSize()) != tuple(volume.shape_xyz):
+            raise OSError(f"the written header says size {reader.GetSize()}, not {volume.shape_xyz}")
+        if reader.GetImageIOFromFileName(str(tmp)) == "NiftiImageIO":
+            sizes = _nifti_sizes(tmp)
+            if sizes is None or sizes[0] < sizes[1]:
+                raise OSError(short_write_reason(tmp.parent, *(sizes or (os.path.getsize(tmp), None))))
+        else:
+            reader.Execute()  # NRRD / MHA readers detect missing data themselves
+    except RuntimeError:
+        raise OSError(short_write_reason(tmp.parent, os.path.getsize(tmp))) from None
 
 
 def write_label_map(volume: Volume, path, segments=None) -> Path:
     """Write a label map as uint8: Slicer ``.seg.nrrd`` or NIfTI / NRRD / MHA by extension."""
     label_map = _as_label_map(volume, path)
+    if Path(path).suffix.lower() == ".dcm":
+        raise InputError(f"{path}: a DICOM SEG needs its source DICOM series; write it with data.dicom_seg.write_dicom_seg "
+                         "(weakliverseg segment --input DICOM_DIR --out FILE.dcm, or weakliverseg dicomseg)")
     if Path(path).name.endswith(SEG_NRRD_SUFFIX):
         return write_seg_nrrd(label_map, path, segments)
     return write_image(label_map, path)
 
 
-def read_label_map(path) -> Volume:
+def read_label_map(path, reference: Volume | None = None) -> Volume:
     """Read a label map in the WeakLiverSeg convention (uint8: 0 background, 1 liver, 2 tumour).
 
     A ``.seg.nrrd`` is mapped segment by segment (terminology, then name: "Liver" -> 1,
-    "Liver tumor" -> 2; the tumour wins where segments overlap); any other file is read as is
-    and must hold only integer values 0..255.
+    "Liver tumor" -> 2; the tumour wins where segments overlap); so is a DICOM SEG
+    (``dicom_seg.read_dicom_seg``; with ``reference``, its frames are placed on that image's
+    grid); any other file is read as is and must hold only integer values 0..255.
     """
+    if Path(path).suffix.lower() in ("", ".dcm") and _is_dicom_seg(path):
+        from .dicom_seg import read_dicom_seg
+
+        return read_dicom_seg(path, reference=reference)
     if Path(path).name.endswith(SEG_NRRD_SUFFIX):
         from .terminology import style_for_segment
 
@@ -353,15 +425,32 @@ def write_seg_nrrd(label_map: Volume, path, segments=None) -> Path:
         "referenceImageExtentOffset": [0, 0, 0],
         "segments": entries,
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_parent(path, "segmentation")
     tmp = _temp_name(path)
     try:
         slicerio.write_segmentation(str(tmp), segmentation, compression_level=6)
+        _verify_seg_nrrd(tmp, voxels.shape)
+        fsync_file(tmp)
         os.replace(tmp, path)
     except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: cannot write segmentation ({os_reason(exc)}); "
+                         f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
+    finally:
         tmp.unlink(missing_ok=True)
-        raise InputError(f"{path}: cannot write segmentation ({exc})") from None
     return path
+
+
+def _verify_seg_nrrd(tmp: Path, shape) -> None:
+    """Read a written ``.seg.nrrd`` back whole (pynrrd checks the data size): OSError when short."""
+    import nrrd
+
+    check_written(tmp)
+    try:
+        data, _ = nrrd.read(str(tmp))
+    except Exception as exc:  # pynrrd: NRRDError, ValueError, zlib.error, EOFError...
+        raise OSError(f"{short_write_reason(tmp.parent, os.path.getsize(tmp))} ({_first_line(exc)})") from None
+    if tuple(data.shape[-3:]) != tuple(shape):
+        raise OSError(f"the written segmentation has shape {data.shape}, not {tuple(shape)}")
 
 
 def _segment_entries(segments, where) -> list:
@@ -449,6 +538,12 @@ def read_seg_nrrd(path):
 # ----------------------------------------------------------------------------------- helpers
 
 
+def _is_dicom_seg(path) -> bool:
+    from .dicom_seg import is_dicom_seg
+
+    return is_dicom_seg(path)
+
+
 def _temp_name(path: Path) -> Path:
     """Hidden temp file beside ``path`` with the same extension (writers pick format by it)."""
     name = path.name
@@ -461,3 +556,114 @@ def _first_line(exc: Exception) -> str:
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     text = lines[-1] if lines else type(exc).__name__
     return text.replace("sitk::ERROR: ", "")
+
+
+# ------------------------------------------------------------------------ ITK's own messages
+
+_CAPTURE = threading.Lock()
+_ITK_WARNING = re.compile(r"^\s*(?:WARNING|ERROR): In .*, line \d+\s*$")
+_ITK_SOURCE = re.compile(r"^\s*\w+ \(0x[0-9a-fA-F]+\): ")
+
+
+@contextmanager
+def itk_messages(into: list):
+    """Capture what ITK prints on the process's stderr (its ``WARNING: In ...`` blocks) during the
+    ``with`` block into ``into`` (one string), instead of letting it reach the terminal: callers fold
+    it into their one-line error, or drop it when the operation succeeded.  Captures nothing (and
+    lets ITK print) where stderr has no file descriptor or another thread is capturing."""
+    saved = None
+    if _CAPTURE.acquire(blocking=False):
+        try:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            sink = tempfile.TemporaryFile()
+            os.dup2(sink.fileno(), 2)
+        except (OSError, ValueError, AttributeError):
+            if saved is not None:
+                os.close(saved)
+            saved = None
+            _CAPTURE.release()
+    try:
+        yield into
+    finally:
+        if saved is not None:
+            try:
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                into.append(sink.read().decode("utf-8", "replace"))
+                sink.close()
+            finally:
+                _CAPTURE.release()
+
+
+def _itk_warnings(captured: list) -> str:
+    """``"; ITK: <message>; <message>"`` from captured ITK output (the source-file lines dropped)."""
+    messages = []
+    for text in captured:
+        for line in text.splitlines():
+            if not line.strip() or _ITK_WARNING.match(line):
+                continue
+            line = _ITK_SOURCE.sub("", line).strip()
+            if line not in messages:
+                messages.append(line)
+    return f"; ITK: {' / '.join(messages)}" if messages else ""
+
+
+# ------------------------------------------------------------------- what a DICOM file really is
+
+_NON_IMAGE_DICOM = {  # SOP Class UID -> what the file is
+    "1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG (segmentation) object",
+    "1.2.840.10008.5.1.4.1.1.481.3": "a DICOM RT STRUCT (contours)",
+    "1.2.840.10008.5.1.4.1.1.481.5": "a DICOM RT Plan",
+    "1.2.840.10008.5.1.4.1.1.481.8": "a DICOM RT Ion Plan",
+    "1.2.840.10008.5.1.4.1.1.481.2": "a DICOM RT Dose grid",
+    "1.2.840.10008.5.1.4.1.1.481.4": "a DICOM RT Beams Treatment Record",
+    "1.2.840.10008.5.1.4.1.1.66": "a DICOM Raw Data object",
+    "1.2.840.10008.5.1.4.1.1.66.1": "a DICOM Spatial Registration object",
+    "1.2.840.10008.5.1.4.1.1.66.2": "a DICOM Spatial Fiducials object",
+    "1.2.840.10008.5.1.4.1.1.66.3": "a DICOM Deformable Registration object",
+    "1.2.840.10008.5.1.4.1.1.11.1": "a DICOM Presentation State",
+    "1.2.840.10008.5.1.4.1.1.88.59": "a DICOM Key Object Selection document",
+    "1.2.840.10008.5.1.4.1.1.104.1": "a DICOM encapsulated PDF",
+}
+_NON_IMAGE_MODALITIES = {"SEG": "a DICOM SEG (segmentation) object", "RTSTRUCT": "a DICOM RT STRUCT (contours)",
+                         "RTPLAN": "a DICOM RT Plan", "RTDOSE": "a DICOM RT Dose grid", "SR": "a DICOM Structured Report",
+                         "PR": "a DICOM Presentation State", "KO": "a DICOM Key Object Selection document",
+                         "REG": "a DICOM registration object", "FID": "a DICOM Spatial Fiducials object",
+                         "DOC": "a DICOM document"}
+_UID_AT = re.compile(rb"\x02\x00\x02\x00(?:UI(..)|(....))", re.S)
+_MODALITY_AT = re.compile(rb"\x08\x00\x60\x00(?:CS(..)|(....))", re.S)
+
+
+def dicom_kind(path) -> str | None:
+    """What a DICOM file holds when it is not an image series slice (SEG, RT STRUCT, RT Dose, SR...),
+    from its SOP Class UID (or Modality); None for image files and non-DICOM files."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(1 << 16)
+    except OSError:
+        return None
+    if head[128:132] != b"DICM":
+        return None
+    match = _UID_AT.search(head, 132)
+    if match:
+        length = struct.unpack("<H", match.group(1))[0] if match.group(1) else struct.unpack("<I", match.group(2))[0]
+        uid = head[match.end():match.end() + length].rstrip(b"\0 ").decode("ascii", "replace")
+        if uid in _NON_IMAGE_DICOM:
+            return _NON_IMAGE_DICOM[uid]
+        if uid.startswith("1.2.840.10008.5.1.4.1.1.88."):
+            return "a DICOM Structured Report"
+    match = _MODALITY_AT.search(head, 132)
+    if match:
+        length = struct.unpack("<H", match.group(1))[0] if match.group(1) else struct.unpack("<I", match.group(2))[0]
+        modality = head[match.end():match.end() + min(length, 16)].strip(b"\0 ").decode("ascii", "replace").upper()
+        return _NON_IMAGE_MODALITIES.get(modality)
+    return None
+
+
+def _refuse_non_image_dicom(path: Path, where=None) -> None:
+    kind = dicom_kind(path)
+    if kind is not None:
+        where = path if where is None else f"{where} ({path.name})"
+        raise InputError(f"{where}: is {kind}, not an image; give the CT / MR image (a file or its DICOM series folder)")

@@ -20,14 +20,16 @@ import numpy as np
 
 from .boxes import Box
 from ..errors import InputError
-from .imageio import check_finite, check_same_grid
+from .imageio import check_finite, check_same_grid, itk_messages
 from .imageio import read_image as _read_image_file
 from .imageio import write_image as _write_image_file
+from .safeio import file_lock, os_reason, replace_verified
 from .volume import Volume
 
 FORMAT = "weakliverseg-dataset"
 VERSION = 1
 DATASET_FILE = "dataset.json"
+LOCK_FILE = ".dataset.lock"   # the store lock: held around every load-modify-save (safeio.file_lock)
 LABELS = {"background": 0, "liver": 1, "tumor": 2}
 SPLITS = ("train", "val", "test")
 VOLUME_LABELS = ("tumour", "healthy")
@@ -290,7 +292,8 @@ def _read_grid(path: Path) -> Volume:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
-        reader.ReadImageInformation()
+        with itk_messages([]):  # a warning here is repeated by read_image's error if it matters
+            reader.ReadImageInformation()
     except RuntimeError:
         return _grid_only(_read_image_file(path))  # DICOM folder or odd format: read it whole
     if reader.GetDimension() != 3:
@@ -319,19 +322,6 @@ def _storage_array(volume: Volume, kind: str) -> Volume:
 # ----------------------------------------------------------------------------- atomic writes
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not supported on this platform / file system
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 _NUMBER_LIST = re.compile(r"\[\s+(-?[0-9.eE+-]+(?:,\s+-?[0-9.eE+-]+)*)\s+\]")
 
 
@@ -342,21 +332,12 @@ def _format_json(data) -> str:
 
 
 def _atomic_write_json(path: Path, data) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, whole."""
-    text = _format_json(data)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file, whole
+    (temp + fsync + read back + rename); a failed write (full disk) raises and changes nothing."""
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        replace_verified(path, _format_json(data).encode("utf-8"))
     except OSError as exc:
-        raise InputError(f"{path}: could not save ({exc}); the previous {path.name} is unchanged") from exc
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+        raise InputError(f"{path}: could not save ({os_reason(exc)}); the previous {path.name} is unchanged") from exc
 
 
 class _FileSwap:
@@ -373,6 +354,8 @@ class _FileSwap:
         self.staged.append((target, staging))
         try:
             _write_image_file(volume, staging)
+        except InputError as exc:  # name the store's file, not the staging name
+            raise InputError(str(exc).replace(str(staging), str(target))) from None
         except (OSError, RuntimeError) as exc:
             raise InputError(f"{target}: could not write ({exc})") from exc
 
@@ -399,6 +382,7 @@ class _FileSwap:
         for _, backup in self.done:
             if backup is not None and backup.exists():
                 backup.unlink()
+        self.done, self.staged = [], []
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -430,22 +414,46 @@ class Dataset:
     @classmethod
     def create(cls, root, name: str = "", exist_ok: bool = False) -> "Dataset":
         root = Path(root)
-        if (root / DATASET_FILE).exists():
-            if not exist_ok:
-                raise InputError(f"{root / DATASET_FILE}: a dataset already exists here (use exist_ok to open it)")
-            return cls.load(root)
         if root.exists() and not root.is_dir():
             raise InputError(f"{root}: exists and is not a folder")
-        root.mkdir(parents=True, exist_ok=True)
-        dataset = cls(root, name=name)
-        dataset.save()
+        if (root / DATASET_FILE).exists() and not exist_ok:
+            raise InputError(f"{root / DATASET_FILE}: a dataset already exists here; choose a new folder "
+                             f"(nothing was changed)")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{root}: cannot create the dataset folder ({os_reason(exc)})") from None
+        with file_lock(root / LOCK_FILE):
+            if (root / DATASET_FILE).exists():
+                if not exist_ok:  # created by another process meanwhile
+                    raise InputError(f"{root / DATASET_FILE}: a dataset already exists here; choose a new folder")
+                return cls.load(root)
+            dataset = cls(root, name=name)
+            dataset.save()
         return dataset
+
+    def lock(self, timeout=None):
+        """The store lock (``with dataset.lock(): ...``): every load-modify-save of ``dataset.json``
+        holds it, so writers in other processes (another Slicer, a script) never lose each other's cases."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(f"{self.root}: cannot create the dataset folder ({os_reason(exc)})") from None
+        return file_lock(self.root / LOCK_FILE, timeout=timeout, what=f"the dataset {self.root}")
+
+    def refresh(self) -> None:
+        """Re-read ``dataset.json`` (what other processes saved meanwhile); a new, unsaved store stays empty."""
+        if self.path.is_file():
+            fresh = Dataset.load(self.root)
+            self.name, self.cases = fresh.name, fresh.cases
 
     @classmethod
     def load(cls, root) -> "Dataset":
         """Read and validate ``dataset.json`` (a folder or the file itself); image files are not opened."""
         root = Path(root)
         if root.is_file():
+            if root.name != DATASET_FILE:
+                raise InputError(f"{root}: is a file, not a dataset folder (give the folder holding {DATASET_FILE})")
             root = root.parent
         path = root / DATASET_FILE
         if not path.is_file():
@@ -474,13 +482,17 @@ class Dataset:
         }
 
     def save(self) -> None:
-        """Atomic: write a temp file in the same folder, fsync, rename over ``dataset.json``."""
+        """Atomic: write a temp file in the same folder, fsync, rename over ``dataset.json``.
+
+        Writes this object's cases as they are; ``add_case`` / ``update_labels`` re-read the file
+        under the store lock first, so cases saved by other processes are kept."""
         data = self.to_json()
         try:
             _parse_dataset(data, self.root)  # never write a file that load() would reject
         except InputError as exc:
             raise InputError(f"{self.path}: not saved: {exc}") from None
-        _atomic_write_json(self.path, data)
+        with self.lock():
+            _atomic_write_json(self.path, data)
 
     # -- reading
 
@@ -512,10 +524,13 @@ class Dataset:
         return self._read(case.images[phase], f"{case_id} images['{phase}']")
 
     def read_mask(self, case_id) -> Volume | None:
+        """The case's mask as uint8 0/1/2; its label values are checked here, while it is read
+        (InputError naming the case and file: a 7, a 1.5, a NaN)."""
         case = self.case(case_id)
         if case.mask is None:
             return None
         mask = self._read(case.mask, f"{case_id} mask")
+        _check_label_values(mask, _LABEL_VALUES["mask"], f"{case_id} mask ({case.mask})")
         return mask.with_array(mask.array.astype(np.uint8, copy=False))
 
     def read_truth(self, case_id, key: str = "mask") -> Volume | None:
@@ -599,7 +614,7 @@ class Dataset:
             writes[case.mask] = _storage_array(mask, "label")
         for key, volume in (truth or {}).items():
             writes[case.truth[key]] = _storage_array(volume, "label" if key in _LABEL_VALUES else "image")
-        self._commit(case, writes)
+        self._commit(case, writes, overwrite=overwrite)
         return case
 
     def update_labels(self, case_id, **fields) -> Case:
@@ -636,34 +651,73 @@ class Dataset:
                 new.mask = f"labels/{case_id}.nii.gz"
                 writes[new.mask] = _storage_array(mask, "label")
         _check_consistency(new, case_id)
-        self._commit(new, writes)
+        self._commit(new, writes, overwrite=True)
         return new
 
-    def _commit(self, case: Case, writes: dict) -> None:
-        """Swap files in, save dataset.json; on any failure put files and memory back as they were."""
-        old = self.cases.get(case.id)
-        before = dict(self.cases)
+    def _commit(self, case: Case, writes: dict, overwrite: bool) -> None:
+        """Stage the files, then under the store lock: re-read ``dataset.json`` (cases other processes
+        added meanwhile), swap the files in, save; on any failure put files and memory back as they were."""
         swap = _FileSwap(self.root)
         try:
-            for rel, volume in writes.items():
+            for rel, volume in writes.items():  # the slow part (compression) outside the lock
                 swap.stage(rel, volume)
-            swap.swap_in()
-            self.cases[case.id] = case
-            self.save()
+            with self.lock():
+                self.refresh()
+                if case.id in self.cases and not overwrite:
+                    raise InputError(f"{case.id}: case already exists in {self.path} (added by another process "
+                                     f"meanwhile; pass overwrite=True to replace it)")
+                old = self.cases.get(case.id)
+                before = dict(self.cases)
+                try:
+                    swap.swap_in()
+                    self.cases[case.id] = case
+                    self.save()
+                except BaseException:
+                    self.cases.clear()
+                    self.cases.update(before)
+                    raise
+                swap.finish()
+                # Files the replaced case used and the new one does not (a dropped phase / mask).
+                for rel in set(old.files() if old else ()) - set(case.files()):
+                    try:
+                        (self.root / rel).unlink()
+                    except OSError:
+                        pass
         except BaseException:
             swap.undo()
-            self.cases.clear()
-            self.cases.update(before)
             raise
-        swap.finish()
-        # Files the replaced case used and the new one does not (a dropped phase / mask).
-        for rel in set(old.files() if old else ()) - set(case.files()):
-            try:
-                (self.root / rel).unlink()
-            except OSError:
-                pass
 
     # -- validation
+
+    def check(self) -> "Dataset":
+        """The one check every command runs on a store before any work (train, --resume, pseudo, the
+        Slicer panel's Train): every field (as ``load``), and from the file headers only -- fast, no
+        voxel is read -- every phase, mask and truth file a 3D image on the reference phase's grid
+        (size, spacing, origin, direction) and every box inside it.  Label values are checked when
+        a mask is read (``read_mask``).  Returns the dataset; InputError naming case, field and file."""
+        self.validate(deep=False)
+        for case in self.cases.values():
+            cid = case.id
+            grid = self._header(case.images[case.reference], f"{cid} images['{case.reference}']")
+            others = [(case.images[p], f"{cid} images['{p}']") for p in case.images if p != case.reference]
+            others += [(case.mask, f"{cid} mask")] if case.mask else []
+            others += [(rel, f"{cid} truth['{k}']") for k, rel in (case.truth or {}).items()]
+            for rel, where in others:
+                _check_same_grid(self._header(rel, where), grid, f"{where} ({rel})", case.reference)
+            for n, box in enumerate(case.boxes):
+                box.validate(grid, f"{self.path}: {cid} boxes[{n}]")
+            if case.liver_box is not None:
+                case.liver_box.validate(grid, f"{self.path}: {cid} liver_box")
+        return self
+
+    def _header(self, rel: str, where: str) -> Volume:
+        try:
+            grid = _read_grid(self.root / rel)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        if grid.array.shape[0] < 2 or min(grid.array.shape) < 1:
+            raise InputError(f"{where} ({rel}): a single slice (size {grid.shape_xyz}); a 3D volume is needed")
+        return grid
 
     def validate(self, deep: bool = False) -> None:
         """Check every field and that files exist; ``deep`` also opens every file and checks

@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
+from ..data.dicom_seg import is_dicom_seg, place_on_grid
 from ..data.imageio import read_image, read_label_map
 from .metrics import DEFAULT_LABELS, GlobalSums, case_metrics, summarize
 
-EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+EXTENSIONS = (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")  # .dcm: DICOM SEG
 ID_SUFFIXES = ("_pred", "_prediction", "_label", "_labels", "_seg", "_mask", "_truth", "_prob",
                "_probabilities")
 STORE_MANIFEST = "dataset.json"
@@ -112,6 +113,8 @@ def evaluate(pred, truth, labels=None, probabilities=None, progress=None) -> dic
             progress.update("evaluate", step, len(pairs), case=cid)
         pred_volume = read_label_map(pred_path)
         truth_volume, truth_name = truth_source()
+        if not pred_volume.same_grid(truth_volume) and is_dicom_seg(truth_name):
+            truth_volume = place_on_grid(truth_volume, pred_volume, truth_name)  # a SEG may omit empty frames
         if not pred_volume.same_grid(truth_volume):
             raise InputError(f"{pred_path} and {truth_name}: prediction and truth grids differ "
                              f"({pred_volume.grid_difference(truth_volume)})")

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import InputError
-from .modelstore import write_json_atomic
+from ..data.safeio import make_parent
+from .modelstore import state_dict_problem, write_json_atomic, write_safetensors
 
 CHECKPOINT_FORMAT = "weakliverseg-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -172,9 +172,10 @@ class Checkpoint:
 class Checkpointer:
     """Save / restore networks + optimizers + step + RNG state, safetensors + JSON (no pickle)."""
 
-    def __init__(self, folder, every: int = 50):
+    def __init__(self, folder, every: int = 50, identity: dict | None = None):
         self.folder = Path(folder)
         self.every = max(1, int(every))
+        self.identity = dict(identity or {})   # recipe and dataset of the run, checked by open_run on --resume
 
     @property
     def json_path(self) -> Path:
@@ -188,9 +189,12 @@ class Checkpointer:
 
     def save(self, stage: str, step: int, networks: dict, optimizers: dict | None = None,
              rng: np.random.Generator | None = None, extra: dict | None = None) -> Path:
-        from safetensors.torch import save_file
+        from .distributed import is_main
 
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if not is_main():   # torchrun: rank 0 alone writes (networks and RNG state are the same on every rank)
+            return self.folder / f"state-{stage}-{step:07d}.safetensors"
+        created = not self.folder.exists()
+        make_parent(self.json_path, "checkpoint")
         tensors, opt_meta = {}, {}
         for name, net in networks.items():
             for key, value in net.state_dict().items():
@@ -202,22 +206,38 @@ class Checkpointer:
             for n, state in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng/cuda/{n}"] = state
         fname = f"state-{stage}-{step:07d}.safetensors"
-        tmp = self.folder / f".{fname}.tmp"
-        save_file(tensors, str(tmp), metadata={"format": CHECKPOINT_FORMAT})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.folder / fname)
+        try:
+            write_safetensors(self.folder / fname, tensors, {"format": CHECKPOINT_FORMAT})
+        except InputError as exc:
+            if created:  # a full disk at the first checkpoint: no empty folder left behind
+                try:
+                    self.folder.rmdir()
+                except OSError:
+                    pass
+            raise InputError(f"{exc}; training stopped, the last good checkpoint (if any) is kept") from None
         meta = {
             "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "stage": stage, "step": int(step),
             "file": fname, "networks": sorted(networks), "optimizers": opt_meta,
             "numpy_rng": _rng_state_to_json(rng.bit_generator.state) if rng is not None else None,
             "extra": extra or {},
         }
-        write_json_atomic(self.json_path, meta)
+        meta.update(self.identity)
+        try:
+            write_json_atomic(self.json_path, meta)
+        except InputError:
+            if self._named_file() != fname:   # the old checkpoint.json still names the old state
+                (self.folder / fname).unlink(missing_ok=True)
+            raise
         for old in self.folder.glob("state-*.safetensors"):   # only the newest is referenced
             if old.name != fname:
                 old.unlink(missing_ok=True)
         return self.folder / fname
+
+    def _named_file(self):
+        try:
+            return json.loads(self.json_path.read_text(encoding="utf-8")).get("file")
+        except (OSError, ValueError, AttributeError):
+            return None
 
     def load(self) -> Checkpoint | None:
         """The last checkpoint, or None when there is none; InputError when it is corrupt."""
@@ -259,7 +279,7 @@ class Checkpointer:
                 opt.load_state_dict(_unflatten_optimizer(ckpt.meta["optimizers"][name], f"opt/{name}", ckpt.tensors))
         except (KeyError, RuntimeError, ValueError) as exc:
             raise InputError(f"{where}: checkpoint does not fit this training run "
-                             f"({str(exc).splitlines()[0]}); delete the checkpoint folder to start over") from None
+                             f"({state_dict_problem(exc)}); delete the checkpoint folder to start over") from None
         torch.set_rng_state(ckpt.tensors["rng/torch"])
         cuda = sorted(k for k in ckpt.tensors if k.startswith("rng/cuda/"))
         if cuda and torch.cuda.is_available():
@@ -278,7 +298,9 @@ class Checkpointer:
 
     def clear(self) -> None:
         """Remove the checkpoint (after the final model is saved)."""
-        if not self.folder.is_dir():
+        from .distributed import is_main
+
+        if not is_main() or not self.folder.is_dir():
             return
         for path in list(self.folder.iterdir()):
             if path.name == "checkpoint.json" or path.name.startswith(("state-", ".state-", ".checkpoint.json")):
@@ -347,7 +369,9 @@ def optimizer_step(opt, loss, stage: str, step: int) -> float:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    value = float(loss.detach())
+    from .distributed import mean
+
+    value = mean(float(loss.detach()))   # torchrun: the loss of the global batch
     if not math.isfinite(value):
         raise RuntimeError(f"{stage}: loss became {value} at step {step + 1}")
     return value
@@ -370,30 +394,78 @@ def first_difference(a, b, path: str = "") -> str | None:
     return None if a == b else (path or "config")
 
 
-def open_run(out: Path, cfg: dict, resume: bool, init=None):
+def dataset_identity(dataset) -> dict:
+    """The store a run trains on: its folder and the SHA-256 of its ``dataset.json`` (any added case,
+    changed label or split changes it)."""
+    import hashlib
+
+    root = Path(dataset.root)
+    try:
+        digest = hashlib.sha256((root / "dataset.json").read_bytes()).hexdigest()
+    except OSError:
+        digest = None
+    return {"path": str(root.resolve()), "sha256": digest}
+
+
+def _barrier() -> None:
+    """torchrun: every rank has checked ``--out`` before rank 0 writes its first checkpoint there."""
+    from .distributed import barrier
+
+    barrier()
+
+
+def open_run(out: Path, cfg: dict, resume: bool, init=None, dataset=None, recipe: str | None = None):
     """Start or resume the training run in the model folder ``out`` -> ``(checkpointer, saved, init)``.
 
     ``saved`` is the checkpoint to continue from (``--resume``) or None; ``init`` is the run's
-    ``--init`` model, taken from the checkpoint when resuming. Refuses, with one InputError and
-    nothing changed: a resume without a checkpoint or with other settings than the interrupted
-    run, and a fresh run over an interrupted run or a finished model.
+    ``--init`` model, taken from the checkpoint when resuming. Every checkpoint records ``recipe``
+    and the identity of ``dataset`` (folder + hash of dataset.json).  Refuses, with one InputError and
+    nothing changed: a resume without a checkpoint, with another recipe, another dataset (or one
+    changed since), or other settings than the interrupted run, and a fresh run over an interrupted
+    run or a finished model.
     """
     out = Path(out)
-    ckpt = Checkpointer(out / "checkpoint", cfg["checkpoint_every"])
+    identity = {}
+    if recipe is not None:
+        identity["recipe"] = recipe
+    if dataset is not None:
+        identity["dataset"] = dataset_identity(dataset)
+    ckpt = Checkpointer(out / "checkpoint", cfg["checkpoint_every"], identity)
     if not resume:
         if ckpt.exists():
             raise InputError(f"{out}: holds an interrupted training run; pass --resume to continue it, "
                              f"or choose another --out")
         if (out / "model.json").exists():
             raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+        _barrier()
         return ckpt, None, init
     saved = ckpt.load()
     if saved is None:
         raise InputError(f"{out}: no checkpoint to resume from (train without --resume to start)")
-    diff = first_difference(saved.meta["extra"].get("config"), cfg)
+    where = ckpt.json_path
+    was = saved.meta.get("recipe")
+    if recipe is not None and was is not None and was != recipe:
+        raise InputError(f"{where}: the interrupted run trained recipe {was!r}, not {recipe!r}; "
+                         f"resume with --recipe {was}")
+    was = saved.meta.get("dataset")
+    if dataset is not None and isinstance(was, dict):
+        now = identity["dataset"]
+        if was.get("path") != now["path"]:
+            raise InputError(f"{where}: the interrupted run trained on the dataset {was.get('path')}, not "
+                             f"{now['path']}; resume with --dataset {was.get('path')} (one model, one cohort)")
+        if was.get("sha256") != now["sha256"]:
+            raise InputError(f"{Path(now['path']) / 'dataset.json'}: changed since the interrupted run started "
+                             f"(cases, labels or splits differ); a resumed run must see the same data: "
+                             f"train again into a new --out")
+    old_cfg = saved.meta["extra"].get("config")
+    diff = first_difference(old_cfg, cfg)
     if diff is not None:
+        if isinstance(old_cfg, dict) and set(old_cfg) != set(cfg):
+            raise InputError(f"{out}: --resume with the settings of another recipe than the interrupted run "
+                             f"(its settings have other keys, e.g. {diff!r}); use the same --recipe")
         raise InputError(f"{out}: --resume with different settings than the interrupted run ({diff!r} differs); "
                          f"use the same command line")
+    _barrier()
     return ckpt, saved, saved.meta["extra"].get("init")
 
 

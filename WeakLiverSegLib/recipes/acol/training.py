@@ -77,7 +77,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     t_start = time.monotonic()
     out = Path(out)
     cfg = resolve_config(config, device)
-    ckpt, saved, init = open_run(out, cfg, resume, init)
+    ckpt, saved, init = open_run(out, cfg, resume, init, dataset=dataset, recipe=NAME)
     train_cases, val = _select_cases(dataset)
     if not train_cases:
         raise InputError(f"{dataset.root}: no training case (boxes or a mask, split train)")

@@ -32,7 +32,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     t_start = time.monotonic()
     out = Path(out)
     cfg = resolve_config(config)
-    ckpt, saved, init = open_run(out, cfg, resume, init)
+    ckpt, saved, init = open_run(out, cfg, resume, init, dataset=dataset, recipe=NAME)
     cases = select_cases(dataset, cfg)
     torch.manual_seed(int(cfg["seed"]))
     rng = np.random.default_rng(int(cfg["seed"]))

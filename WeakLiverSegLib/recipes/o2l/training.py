@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from ... import __version__
 from ...errors import InputError
 from ...learn.modelstore import LoadedModel, load_model, save_model
 from ...learn.networks.unet2d import BoxAttentionUNet2D
+from ...learn.distributed import wrap
 from ...learn.slices import N_CLASSES, Sampler
 from ...learn.training import (check_cancelled, lr_at, recalibrate_batchnorm, make_optimizer, most_common_phase, open_run, optimizer_step,
                                set_lr, soft_cross_entropy)
@@ -60,6 +62,7 @@ def _train_stage(stage, net, opt, sampler, scfg, total, start, ckpt, state, prog
     """Optimisation loop of one stage from step ``start`` to ``total``, checkpointing on the way."""
     dev = _device(device)
     net.train()
+    model = wrap(net)   # torchrun: DDP (gradients averaged over the ranks), else the network itself
     loc_w = torch.tensor(state["cfg"]["student"]["loc_class_weights"], dtype=torch.float32, device=dev)
     alpha = float(state["cfg"]["student"]["loc_weight"])
     dice_w = float(scfg.get("dice_weight", 0.0))
@@ -73,9 +76,9 @@ def _train_stage(stage, net, opt, sampler, scfg, total, start, ckpt, state, prog
         boxes = batch["boxes"].to(dev) if net.needs_boxes else None
         target = batch["target"].to(dev)
         if with_loc:
-            logits, loc_logits = net(x, boxes, with_loc=True)
+            logits, loc_logits = model(x, boxes, with_loc=True)
         else:
-            logits = net(x, boxes)
+            logits = model(x, boxes)
         loss = soft_cross_entropy(logits, target)
         if dice is not None:
             loss = loss + dice_w * dice(logits.float(), target)
@@ -97,7 +100,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     if init is not None:
         config = _init_input_settings(init, config)
     cfg = resolve_config(config)
-    ckpt_folder, saved, init = open_run(out, cfg, resume, init)
+    ckpt_folder, saved, init = open_run(out, cfg, resume, init, dataset=dataset, recipe=NAME)
     strong, weak, val, skipped = _select_cases(dataset, cfg, progress)
     use_teacher = needs_teacher(cfg)
 
@@ -115,6 +118,12 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
                 or inp["context"] != cfg["context"]:
             raise InputError(f"{init}: --init model was trained at spacing {inp['spacing_mm']} mm, HU window "
                              f"{inp['hu_window']}, context {inp['context']}; set the same in the config")
+        init_channels = [spec["kwargs"].get("channels") for spec in init_model.meta["networks"].values()
+                         if isinstance(spec, dict) and isinstance(spec.get("kwargs"), dict)]
+        if init_channels and init_channels[0] is not None and list(init_channels[0]) != list(cfg["channels"]):
+            if "channels" in (config or {}):   # asked for explicitly: never ignored silently
+                raise InputError(f"--set channels={json.dumps(cfg['channels'])}: the --init model {init} has channels "
+                                 f"{list(init_channels[0])}; fine-tuning keeps the architecture (drop the setting)")
         for role in ("teacher", "student"):
             spec = init_model.meta["networks"].get(role)
             if spec is not None:
@@ -256,7 +265,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
             "teacher_boxes": "liver box + tumour boxes (2D per slice preferred)" if use_teacher else None,
         },
         "training": {
-            "config": copy.deepcopy(cfg),
+            "config": dict(copy.deepcopy(cfg), channels=list(kwargs["student"]["channels"])),  # as trained (--init)
             "data": data_summary,
             "steps": {"teacher": t_steps, "student": cfg["student"]["steps"]},
             "crop": crop,

@@ -64,7 +64,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     out = Path(out)
     cfg = resolve_config(config)
     roles = ("vnet", "resvnet") if cfg["method"] == "sdnet" else ("vnet",)
-    ckpt, saved, init = open_run(out, cfg, resume, init)
+    ckpt, saved, init = open_run(out, cfg, resume, init, dataset=dataset, recipe=NAME)
 
     labelled, unlabelled, val = _select_cases(dataset, cfg)
     torch.manual_seed(int(cfg["seed"]))

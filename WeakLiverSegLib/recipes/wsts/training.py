@@ -135,7 +135,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     cfg = resolve_config(config)
     if init is not None:
         raise InputError("--init: recipe wsts does not support fine-tuning from a model yet; train from scratch")
-    ckpt, saved, _ = open_run(out, cfg, resume)
+    ckpt, saved, _ = open_run(out, cfg, resume, dataset=dataset, recipe=NAME)
 
     pixel, box, val = select_cases(dataset, cfg)
     if not pixel:

@@ -17,7 +17,7 @@ from ... import __version__
 from ...errors import InputError
 from ...learn.modelstore import LoadedModel, load_model, save_model
 from ...learn.networks.unet2d import BoxAttentionUNet2D
-from ...learn.slices import N_CLASSES, Sampler
+from ...learn.slices import N_CLASSES, Sampler, annotate_case, labels_to_working
 from ...learn.training import (check_cancelled, lr_at, make_optimizer, most_common_phase, open_run, optimizer_step,
                                set_lr, soft_cross_entropy)
 from .config import LABELS, NAME, NETWORK_CLASS, PHASES, RECIPE_VERSION, needs_teacher, resolve_config
@@ -33,6 +33,28 @@ def _net_kwargs(cfg, role: str) -> dict:
         "attention": cfg["teacher"]["attention"] if role == "teacher" else "none",
         "localization": role == "student" and cfg["student"]["variant"] == "mixed_loc",
     }
+
+
+def _box_annotator(cfg, teacher, teacher_kwargs, cases, device):
+    """The pseudo-label annotator of ``teacher.annotator`` (litemedsam | fused) for the weak cases:
+    LiteMedSAM (``teacher.annotator_model``, default the pretrained one) alone, or fused with this
+    run's trained teacher (``annotate.annotators.FusedAnnotator``)."""
+    from types import SimpleNamespace
+
+    from ...annotate.annotators import FusedAnnotator, LiteMedSAMAnnotator, TrainedAnnotator, load_annotator
+
+    spec = cfg["teacher"]["annotator_model"] or "litemedsam"
+    sam = load_annotator(spec, device=str(device))
+    if not isinstance(sam, LiteMedSAMAnnotator):
+        raise InputError(f"teacher.annotator_model {spec!r}: not a LiteMedSAM model (recipe litemedsam)")
+    if cfg["teacher"]["annotator"] == "litemedsam":
+        return sam
+    phase = cfg["phase"] or most_common_phase(cases, PHASES["inference"][0])
+    meta = {"input": {"phases": [phase], "hu_window": list(cfg["hu_window"]),
+                      "spacing_mm": [float(cfg["spacing_mm"])] * 2, "context_slices": int(cfg["context"])},
+            "training": {"config": cfg}}
+    model = LoadedModel(Path("<training teacher>"), meta, {"teacher": teacher})
+    return FusedAnnotator(sam, TrainedAnnotator(model, SimpleNamespace(segment=segment), str(device)))
 
 
 def _select_cases(dataset, cfg, progress):
@@ -208,7 +230,18 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
         stage0, step0 = "student", 0
 
     # -- pseudo-labels (soft) for the weak cases
-    if use_teacher and weak_images:
+    if use_teacher and weak_images and cfg["teacher"]["annotator"] != "trained":
+        t0 = time.monotonic()
+        annotator = _box_annotator(cfg, nets["teacher"], kwargs["teacher"], strong + weak, device)
+        for n, (case, prepared) in enumerate(zip(weak, weak_images)):
+            check_cancelled(progress)
+            image = _read_image(dataset, case, cfg)
+            labels = annotate_case(annotator, image, case.liver_box, case.boxes, progress, where=case.id)
+            prepared.target = labels_to_working(labels, prepared.image.shape[1:]).astype(np.float16)
+            if progress is not None:
+                progress.update("pseudo-labels", n + 1, len(weak_images))
+        state["seconds"]["pseudo"] = round(time.monotonic() - t0, 2)
+    elif use_teacher and weak_images:
         t0 = time.monotonic()
         for n, case in enumerate(weak_images):
             probs = predict_volume(nets["teacher"], case.image, case.boxes, cfg["context"], cfg["infer_batch"], device)

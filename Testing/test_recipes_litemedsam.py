@@ -135,3 +135,40 @@ def test_bad_settings_and_inputs(store, init_model, tmp_path):
         lms.train(store, tmp_path / "d", dict(TINY), "cpu", None, init=o2l_like)
     with pytest.raises(InputError, match="from boxes"):
         lms.segment(load_model(init_model), {"ct": store.read_image("c2")})
+
+
+def test_cli_train_then_segment_and_annotate_with_the_fine_tuned_model(tmp_path, capsys):
+    """weakliverseg train --recipe litemedsam (from the pretrained model) -> segment --boxes / annotate --annotator."""
+    from WeakLiverSegLib.annotate import convert
+    from WeakLiverSegLib.app.cli import main as cli
+    from WeakLiverSegLib.data.imageio import read_label_map, write_image
+
+    try:
+        pretrained = convert.pretrained_dir(tmp_path / "models")
+    except InputError as exc:
+        pytest.skip(f"LiteMedSAM weights unavailable: {exc}")
+    rng = np.random.default_rng(0)
+    z, y, x = np.mgrid[:10, :64, :64]
+    img = np.full((10, 64, 64), 40.0) + rng.normal(0, 6, (10, 64, 64))
+    img[((y - 32) ** 2 + (x - 32) ** 2) >= 30 ** 2] = -1000
+    cyl = ((y - 33) ** 2 + (x - 30) ** 2 < 9 ** 2) & (z >= 3) & (z <= 7)
+    img[cyl] = 140 + rng.normal(0, 6, int(cyl.sum()))
+    geo = dict(spacing=(0.8, 0.8, 2.0), origin=(0, 0, 0))
+    vol = Volume(img.astype(np.int16), **geo)
+    ds = Dataset.create(tmp_path / "ds", name="cyl")
+    ds.add_case("s", {"ct": vol}, mask=Volume((cyl * 2).astype(np.uint8), **geo))
+    out = tmp_path / "ft"
+    rc = cli(["train", "--recipe", "litemedsam", "--dataset", str(ds.root), "--out", str(out), "--init", str(pretrained),
+              "--progress", "none", "--set", "input_size=128", "--set", "train_steps=2", "--set", "max_views=2",
+              "--set", "lr=1e-7", "--set", 'objects=["tumor"]'])
+    assert rc == 0, capsys.readouterr().err
+    image = tmp_path / "ct.nii.gz"
+    write_image(vol, image)
+    boxes = tmp_path / "boxes.json"
+    boxes.write_text(json.dumps([{"label": "tumor", "ijk_min": [19, 22, 3], "ijk_max": [41, 44, 7]}]))
+    for cmd in (["segment", "--model", str(out)], ["annotate", "--annotator", str(out)]):
+        dest = tmp_path / f"{cmd[0]}.nii.gz"
+        rc = cli(cmd + ["--input", str(image), "--boxes", str(boxes), "--out", str(dest), "--progress", "none"])
+        assert rc == 0, capsys.readouterr().err
+        lab = read_label_map(dest).array == 2
+        assert 2 * (lab & cyl).sum() / (lab.sum() + cyl.sum()) >= 0.85

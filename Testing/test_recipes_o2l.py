@@ -570,6 +570,14 @@ def test_teacher_annotator_pseudo_labels_the_weak_cases(tiny_store, tmp_path, mo
         assert set(np.unique(labels)) <= {0, 1, 2} and not (labels == 2)[~tumour_boxes].any()
         if annotator == "litemedsam":      # box filling: exactly the boxes
             np.testing.assert_array_equal(labels == 2, tumour_boxes)
+    # the model's pseudo command labels with the same annotator
+    stub.calls.clear()
+    ds = Dataset.load(o2l.pseudo(load_model(out), tiny_store, tmp_path / "pseudo", "cpu", None))
+    assert [k for k, _ in stub.calls] == ["c2", "c3"]
+    for cid in ("c2", "c3"):
+        mask = ds.read_mask(cid).array
+        if annotator == "litemedsam":
+            np.testing.assert_array_equal(mask == 2, box_mask(mask.shape, tiny_store.cases[cid].boxes))
 
 
 def test_teacher_annotator_setting_is_checked(tiny_store, tmp_path):

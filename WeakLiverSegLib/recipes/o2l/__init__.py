@@ -56,7 +56,7 @@ Deviations from the paper, for a CPU budget of a few minutes (all are config fie
   boxes; ``teacher.pseudo_temperature`` (default 1 = the paper's soft labels) can sharpen them.
 
 Files: ``config.py`` (DEFAULTS, validation), ``data.py`` (case -> working grid, box maps),
-``inference.py`` (teacher / student probabilities, ``segment``, ``pseudo``), ``training.py`` (teacher,
+``inference.py`` (teacher / student probabilities, ``segment``, ``pseudo``, ``box_annotator``), ``training.py`` (teacher,
 pseudo-labels, student).  The networks are shared: ``learn/networks/unet2d.py``.
 May import data, anatomy, learn, evaluation (and annotate); another recipe only through ``recipes.get``.
 """

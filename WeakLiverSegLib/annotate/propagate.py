@@ -19,13 +19,15 @@ from scipy import ndimage
 
 @dataclass
 class PropagationSettings:
-    margin: float = 0.15         # prompt box grows by this fraction of its side (>= min_margin_px) per side
-    min_margin_px: int = 3
+    margin: float = 0.0          # prompt box grows by this fraction of its side (>= min_margin_px) per side
+    min_margin_px: int = 1       # (p01: 0 / 1 px 0.716 tumour Dice, 0 / 2 px 0.579, 0.15 / 3 px 0.487)
     min_pixels: int = 4          # a slice mask smaller than this ends the object
     max_growth: float = 2.5      # ... and so does one more than this times the previous slice's area
     min_overlap: float = 0.3     # ... or one whose overlap with the previous slice's mask is below this
     min_contrast: float = 0.35   # ... or one whose contrast with its surroundings (mean HU inside minus in
-                                 # a 3-pixel ring) falls below this fraction of the first slice's (0: off)
+                                 # a 3-pixel ring) falls below this fraction of the first slice's (0: off).
+                                 # 2D boxes only: a 3D box bounds the object itself, and on p01's 3D boxes the
+                                 # rule stopped real tumours early (tumour Dice 0.716 with it, 0.838 without)
     view: str = "crop"           # "crop": encode a square around the box; "slice": the whole slice
     crop_context: float = 0.5    # crop side = box side * (1 + 2 * crop_context), at least crop_min_px
     crop_min_px: int = 64
@@ -110,6 +112,7 @@ class Propagator:
         if first.sum() < s.min_pixels:
             return out
         self._array = array_zyx
+        self._flat = flat
         self._contrast0 = self._contrast(start, first)
         out[start] = first
         for step in (1, -1):
@@ -146,7 +149,7 @@ class Propagator:
             return False
         if (new & ndimage.binary_dilation(prev, iterations=2)).sum() < s.min_overlap * area:
             return False
-        if s.min_contrast > 0 and abs(self._contrast0) > 1e-6:
+        if self._flat and s.min_contrast > 0 and abs(self._contrast0) > 1e-6:
             c = self._contrast(k, new) / self._contrast0     # same sign and a good part of the start's
             if c < s.min_contrast:
                 return False

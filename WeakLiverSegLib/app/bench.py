@@ -81,7 +81,79 @@ def bench_evaluate_p17(work: Path, device, threads) -> dict:
     return {"what": "weakliverseg evaluate on the p17 512x512x119 label map against itself", **r}
 
 
-BENCHMARKS = {"phantom": bench_phantom, "segment_p17": bench_segment_p17, "evaluate_p17": bench_evaluate_p17}
+# LiteMedSAM inference choices timed by ``annotate_p01`` (their Dice: Testing/experiments/annotate_real.py)
+ANNOTATE_CHOICES = {
+    "crop 256": [],
+    "crop 128": ["input_size=128"],
+    "crop 128, stride 2": ["input_size=128", "stride=2"],
+    "slice 256": ["view=slice"],
+}
+
+
+def _serve(argv, env, requests) -> tuple:
+    """Run ``annotate --serve``, send ``requests`` one at a time; seconds per request + the worker's peak RSS."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    answers = []
+    for req in requests:
+        t0 = time.perf_counter()
+        proc.stdin.write(json.dumps(req) + "\n")
+        proc.stdin.flush()
+        for line in proc.stdout:
+            event = json.loads(line)
+            if event.get("event") in ("done", "error") and event.get("id") == req["id"]:
+                if event["event"] == "error":
+                    proc.kill()
+                    raise RuntimeError(f"annotate --serve: {event['message']}")
+                answers.append({"seconds": round(time.perf_counter() - t0, 2),
+                                "encoded_slices": event.get("encoded_slices")})
+                break
+    proc.stdin.close()
+    _, _, usage = os.wait4(proc.pid, 0)
+    proc.stdout.close()
+    proc.stderr.close()
+    return answers, round(usage.ru_maxrss / 1024, 1)
+
+
+def bench_annotate_p01(work: Path, device, threads) -> dict:
+    """A warm LiteMedSAM worker on ircadb/p01: the tumour box nearest to 20 slices, per inference
+    choice, after a warm-up box; the liver box with the default choice."""
+    ct, label = SHARED / "ircadb" / "p01" / "ct.nii.gz", SHARED / "ircadb" / "p01" / "label.nii.gz"
+    if not ct.exists():
+        return {"skipped": f"{ct} not found"}
+    from ..data.boxes import radiologist_boxes
+    from ..data.imageio import read_image
+
+    truth = read_image(label)
+    boxes = radiologist_boxes(truth.array, truth.spacing)
+    tumours = sorted((b for b in boxes if b.label == "tumor"), key=lambda b: b.size_ijk[2])
+    timed = min(tumours, key=lambda b: abs(b.size_ijk[2] - 20))
+    warm = tumours[0]
+    liver = next(b for b in boxes if b.label == "liver")
+    out = {"what": "weakliverseg annotate --serve on ircadb/p01 (512x512x129): seconds from request to labels written",
+           "threads": threads, "tumour_box": {"ijk_min": list(timed.ijk_min), "ijk_max": list(timed.ijk_max),
+                                              "slices": timed.size_ijk[2]},
+           "load_before": round(os.getloadavg()[0], 2), "choices": {}}
+    for name, sets in ANNOTATE_CHOICES.items():
+        argv = _cli("annotate", "--serve", "--progress", "jsonl", "--device", device,
+                    *[a for kv in sets for a in ("--set", kv)])
+        reqs = [{"id": "warm-up", "input": str(ct), "boxes": [warm.to_json()], "out": str(work / "warm.nii.gz")},
+                {"id": "tumour", "input": str(ct), "boxes": [timed.to_json()], "out": str(work / "t.nii.gz")}]
+        if name == "crop 256":
+            reqs.append({"id": "liver", "input": str(ct), "boxes": [liver.to_json()], "out": str(work / "l.nii.gz")})
+        answers, peak = _serve(argv, _env(threads), reqs)
+        row = {"tumour_box": answers[1], "peak_rss_mb": peak}
+        row["s_per_encoded_slice"] = round(answers[1]["seconds"] / max(answers[1]["encoded_slices"] or 1, 1), 3)
+        if len(answers) > 2:
+            row["liver_box"] = answers[2]
+        out["choices"][name] = row
+    out["load_after"] = round(os.getloadavg()[0], 2)
+    out["target"] = {"tumour_box_seconds": 8}
+    return out
+
+
+BENCHMARKS = {"phantom": bench_phantom, "segment_p17": bench_segment_p17, "evaluate_p17": bench_evaluate_p17,
+              "annotate_p01": bench_annotate_p01}
 
 
 def run_benchmarks(out, which="all", device="cpu", progress=None, threads=2) -> dict:

@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     device_arg(sp)
     progress_arg(sp)
 
-    sp = sub.add_parser("segment", help="segment one volume with a trained model")
+    sp = sub.add_parser("segment", help="segment one volume (or a folder / list of them) with a trained model",
+                        description="Segment one volume with a trained model.  Batch: --input a folder (NIfTI / NRRD / "
+                                    "MHA files, DICOM series one case per folder) or a .txt list of paths, --out a "
+                                    "folder: every case -> OUT/<case>.nii.gz, OUT/batch_summary.json (per case: input, "
+                                    "output, seconds, status ok | skipped | failed, message); cases whose output exists "
+                                    "are skipped (rerun to resume).  Exit codes: 0 all cases ok or skipped, 2 some "
+                                    "failed (or bad input), 130 cancelled.")
     sp.add_argument("--model", required=True, type=Path)
     sp.add_argument("--input", required=True, action="append", metavar="[PHASE=]IMAGE_OR_DICOM_DIR",
                     help="image file or DICOM folder; repeat as PHASE=PATH for multi-phase models")
@@ -75,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nii, .nrrd, .seg.nrrd, or .dcm (DICOM SEG; needs a DICOM series --input)")
     sp.add_argument("--probabilities", type=Path, help="also write the tumour probability map here")
     sp.add_argument("--uncertainty", type=Path, help="also write the predictive-entropy map here")
+    sp.add_argument("--jobs", type=int, default=1,
+                    help="batch only: worker processes, each loading the model once (default 1)")
     device_arg(sp)
     progress_arg(sp)
 
@@ -86,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="litemedsam (default, pretrained), fill (box filling), fused (litemedsam + --teacher), "
                          "or a model folder (fine-tuned LiteMedSAM, or a trained model whose teacher annotates)")
     sp.add_argument("--teacher", type=Path, help="trained model folder whose teacher is fused with LiteMedSAM")
+    sp.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="LiteMedSAM setting: view=crop|slice, input_size, stride, window=LO,HI (HU), batch_size, "
+                         "margin, min_contrast, ... (see annotate/propagate.py)")
     sp.add_argument("--serve", action="store_true",
                     help="stay loaded: read one JSON request a line on stdin ({\"id\", \"input\", \"boxes\" or "
                          "\"boxes_file\", \"out\"}), answer with jsonl events (the Slicer module's warm worker)")
@@ -216,6 +227,9 @@ def cmd_phantom(args, progress):
         print(f"wrote {len(ds.cases)} cases to {ds.root}")
 
 
+DISTRIBUTED_RECIPES = ("o2l",)   # recipes whose training loop wraps its networks in DDP (torchrun)
+
+
 def cmd_train(args, progress):
     from .. import recipes
     from ..data.store import Dataset
@@ -225,6 +239,16 @@ def cmd_train(args, progress):
     ds = Dataset.load(args.dataset).check()   # the one validation of a store, before any work
     recipe = recipes.get(args.recipe)
     device = select_device(args.device)
+    from ..learn.distributed import init_from_env, is_main, world_size
+
+    device = init_from_env(device)   # torchrun: join the process group (no-op otherwise)
+    if world_size() > 1 and args.recipe not in DISTRIBUTED_RECIPES:
+        raise InputError(f"--recipe {args.recipe}: does not train with torchrun yet (only "
+                         f"{', '.join(DISTRIBUTED_RECIPES)}); run it as one process")
+    if not is_main():
+        from .progress import Progress
+
+        progress = Progress("none")   # rank 0 alone reports
     config = _load_config(args)
     if args.steps is not None:
         if args.steps < 1:
@@ -310,6 +334,10 @@ def read_boxes_json(path, reference) -> list:
 
 
 def cmd_segment(args, progress):
+    from .batch import is_batch_input
+
+    if is_batch_input(args.input):
+        return cmd_segment_batch(args, progress)
     from ..data.imageio import check_finite, check_same_grid, read_image, write_image, write_label_map
     from ..learn.modelstore import load_model
     from ..learn.training import select_device
@@ -356,6 +384,29 @@ def cmd_segment(args, progress):
         print(f"segmentation written to {args.out}")
 
 
+def cmd_segment_batch(args, progress):
+    """``segment --input DIR_OR_LIST --out DIR``: every case; exit 2 (one line) when some failed."""
+    from .batch import SUMMARY_NAME, run_batch
+    from ..learn.training import select_device
+
+    extra = [f"--{k}" for k in ("boxes", "probabilities", "uncertainty") if getattr(args, k)]
+    if extra:
+        raise InputError(f"{', '.join(extra)}: not available in batch segmentation (--input {args.input[0]} is a "
+                         "folder or list); segment those cases one by one")
+    check_out_folder(args.out, "--out")
+    summary = run_batch(args.model, args.input[0], args.out, jobs=args.jobs, device=select_device(args.device),
+                        progress=progress)
+    counts = summary["counts"]
+    where = Path(args.out) / SUMMARY_NAME
+    if counts["failed"]:
+        first = next(r for r in summary["cases"] if r["status"] == "failed")
+        raise InputError(f"{counts['failed']} of {len(summary['cases'])} cases failed (first: {first['input']}: "
+                         f"{first['message']}); {counts['ok']} ok, {counts['skipped']} skipped; summary in {where}")
+    progress.done(summary=str(where), **{k: counts[k] for k in ("ok", "skipped", "failed")})
+    if progress.mode != "jsonl":
+        print(f"{counts['ok']} segmented, {counts['skipped']} skipped (already done) into {args.out}; summary {where}")
+
+
 def cmd_annotate(args, progress):
     from ..annotate.annotators import load_annotator
     from ..learn.training import select_device
@@ -366,13 +417,51 @@ def cmd_annotate(args, progress):
         if missing:
             raise InputError(f"annotate: {', '.join(missing)} required (or --serve)")
     device = select_device(args.device)
-    annotator = load_annotator(args.annotator, device=device, teacher=args.teacher, recipe_lookup=recipes.get)
+    settings, sam_kwargs = annotator_settings(parse_overrides(args.set))
+    annotator = load_annotator(args.annotator, device=device, teacher=args.teacher, recipe_lookup=recipes.get,
+                               settings=settings, **sam_kwargs)
     if args.serve:
         return _serve_annotations(annotator, progress)
     written = _annotate_once(annotator, args.input, args.boxes, args.out, progress)
     progress.done(**written)
     if progress.mode != "jsonl":
         print(f"labels written to {args.out} ({written['seconds']} s)")
+
+
+def annotator_settings(values: dict) -> tuple:
+    """``--set`` values -> (PropagationSettings, keyword arguments of the LiteMedSAM annotator)."""
+    from ..annotate.propagate import PropagationSettings
+
+    defaults = PropagationSettings()
+    fields, kwargs = {}, {}
+    for key, value in values.items():
+        where = f"--set {key}"
+        if key == "window":
+            parts = value.split(",") if isinstance(value, str) else value
+            try:
+                lo, hi = (float(v) for v in parts)
+            except (TypeError, ValueError):
+                raise InputError(f"{where}: expected LO,HI in HU, e.g. -160,240") from None
+            if not lo < hi:
+                raise InputError(f"{where}: the window's low end must be below its high end")
+            kwargs["window"] = (lo, hi)
+        elif key in ("input_size", "batch_size"):
+            if not isinstance(value, int) or value < 1 or (key == "input_size" and value % 16):
+                raise InputError(f"{where}: expected a positive integer{' (a multiple of 16)' if key == 'input_size' else ''}")
+            kwargs[key] = value
+        elif hasattr(defaults, key):
+            want = type(getattr(defaults, key))
+            if want is float and isinstance(value, int):
+                value = float(value)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise InputError(f"{where}: expected a {want.__name__}, got {value!r}")
+            fields[key] = value
+        else:
+            raise InputError(f"{where}: unknown annotator setting (window, input_size, batch_size, "
+                             f"{', '.join(defaults.__dataclass_fields__)})")
+    settings = PropagationSettings(**fields)
+    settings.check("--set")
+    return settings, kwargs
 
 
 def _annotate_once(annotator, input_path, boxes, out, progress, image_cache=None) -> dict:
@@ -421,6 +510,8 @@ def _serve_annotations(annotator, progress):
             progress.error(f"request: not valid JSON ({exc})")
         except InputError as exc:
             progress.error(str(exc).replace("\n", " "), id=rid)
+        except (Cancelled, KeyboardInterrupt):
+            raise
         except Exception as exc:  # noqa: BLE001 - one failed request must not end the warm worker
             progress.error(f"internal error: {type(exc).__name__}: {exc}", id=rid)
             traceback.print_exc()
@@ -557,6 +648,12 @@ def main(argv=None) -> int:
 
     args = build_parser().parse_args(argv)
     progress = Progress(args.progress)
+    return run_reporting(lambda: COMMANDS[args.command](args, progress), progress)
+
+
+def run_reporting(call, progress) -> int:
+    """Run ``call()`` with the exit-code contract: 0 ok (or ``call``'s own int), 2 bad input (one
+    line), 130 cancelled (SIGTERM too), 1 internal error with the traceback; errors also as events."""
 
     def on_term(signum, frame):  # Cancel from the Slicer module: stop at the next check
         progress.cancelled = True
@@ -567,8 +664,8 @@ def main(argv=None) -> int:
     except ValueError:  # not the main thread (e.g. called from a test thread)
         pass
     try:
-        COMMANDS[args.command](args, progress)
-        return 0
+        code = call()
+        return code if isinstance(code, int) else 0
     except InputError as exc:
         msg = str(exc).replace("\n", " ")
         progress.error(msg)

@@ -264,3 +264,44 @@ def perturb_box(box: Box, rng, scale_range=None, shift_fraction=None, shape_xyz=
     else:
         ijk_min, ijk_max = np.maximum(ijk_min, 0), np.maximum(ijk_max, 0)
     return Box(label=box.label, ijk_min=tuple(ijk_min), ijk_max=tuple(ijk_max), source="perturbed")
+
+
+def radiologist_boxes(label_map_zyx, spacing, kind: str = "tight", seed: int = 0, margin_mm: float = 1.0,
+                      loose_mm: float = 5.0) -> list:
+    """Boxes as a radiologist draws them on a labelled case, for real-data experiments: a liver box
+    (labels >= 1) and one 3D box per 26-connected tumour (label 2), each ``margin_mm`` larger than the
+    object on every side (not tight to the voxel). ``kind``: "tight"; "loose" (every side a further
+    uniform 0..``loose_mm`` mm, drawn with ``seed``); "2d" (tumour boxes on each tumour's largest slice)."""
+    if kind not in ("tight", "loose", "2d"):
+        raise InputError(f"radiologist_boxes: kind {kind!r} is not tight, loose or 2d")
+    label_map_zyx = np.asarray(label_map_zyx)
+    rng = np.random.default_rng(seed)
+    shape_xyz = label_map_zyx.shape[::-1]
+
+    def box(name, sl, flat_k=None):
+        lo = np.array([sl[2].start, sl[1].start, sl[0].start])
+        hi = np.array([sl[2].stop - 1, sl[1].stop - 1, sl[0].stop - 1])
+        m_lo, m_hi = np.full(3, margin_mm), np.full(3, margin_mm)
+        if kind == "loose":
+            m_lo, m_hi = m_lo + rng.uniform(0, loose_mm, 3), m_hi + rng.uniform(0, loose_mm, 3)
+        if flat_k is not None:
+            lo[2] = hi[2] = flat_k
+            m_lo[2] = m_hi[2] = 0
+        step = np.asarray(spacing, dtype=float)
+        lo = np.maximum(lo - np.ceil(m_lo / step - 1e-9), 0).astype(int)
+        hi = np.minimum(hi + np.ceil(m_hi / step - 1e-9), np.asarray(shape_xyz) - 1).astype(int)
+        return Box(name, tuple(lo), tuple(hi), source="derived")
+
+    boxes = []
+    organ = ndimage.find_objects((label_map_zyx >= 1).astype(np.uint8))
+    if organ and organ[0] is not None:
+        boxes.append(box("liver", organ[0]))
+    comps, _ = ndimage.label(label_map_zyx == 2, structure=np.ones((3, 3, 3), dtype=bool))
+    for i, sl in enumerate(ndimage.find_objects(comps), start=1):
+        if kind == "2d":
+            k = sl[0].start + int(np.argmax((comps[sl] == i).sum(axis=(1, 2))))
+            plane = ndimage.find_objects((comps[k] == i).astype(np.uint8))[0]
+            boxes.append(box("tumor", (slice(k, k + 1),) + plane, flat_k=k))
+        else:
+            boxes.append(box("tumor", sl))
+    return boxes

@@ -102,6 +102,11 @@ def save_model(path, meta: dict, networks: dict) -> Path:
     InputError naming the file and the OS reason, leaves no temp file and never replaces a good file.
     """
     path = Path(path)
+    from .distributed import barrier, is_main
+
+    if not is_main():   # torchrun: rank 0 alone writes the model; the others wait until it is complete
+        barrier()
+        return path
     created = not path.exists()
     make_parent(path / "model.json", "model")
     meta = dict(meta)
@@ -127,6 +132,7 @@ def save_model(path, meta: dict, networks: dict) -> Path:
             except OSError:
                 pass
         raise
+    barrier()
     return path
 
 

@@ -310,12 +310,14 @@ class Sampler:
             boxes.append(t_box)
             targets.append(t_tgt)
         box = torch.cat(boxes)
-        return {
+        from .distributed import shard_rows   # torchrun: every rank draws the same batch, keeps its rows
+
+        return shard_rows({
             "image": torch.cat(images),
             "boxes": box,
             "target": torch.cat(targets),
             "loc": torch.from_numpy(loc_target(box.numpy())),
-        }
+        })
 
 
 # ----------------------------------------------------------------------------- box annotators as pseudo-labellers

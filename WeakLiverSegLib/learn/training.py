@@ -189,6 +189,10 @@ class Checkpointer:
 
     def save(self, stage: str, step: int, networks: dict, optimizers: dict | None = None,
              rng: np.random.Generator | None = None, extra: dict | None = None) -> Path:
+        from .distributed import is_main
+
+        if not is_main():   # torchrun: rank 0 alone writes (networks and RNG state are the same on every rank)
+            return self.folder / f"state-{stage}-{step:07d}.safetensors"
         created = not self.folder.exists()
         make_parent(self.json_path, "checkpoint")
         tensors, opt_meta = {}, {}
@@ -294,7 +298,9 @@ class Checkpointer:
 
     def clear(self) -> None:
         """Remove the checkpoint (after the final model is saved)."""
-        if not self.folder.is_dir():
+        from .distributed import is_main
+
+        if not is_main() or not self.folder.is_dir():
             return
         for path in list(self.folder.iterdir()):
             if path.name == "checkpoint.json" or path.name.startswith(("state-", ".state-", ".checkpoint.json")):
@@ -363,7 +369,9 @@ def optimizer_step(opt, loss, stage: str, step: int) -> float:
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    value = float(loss.detach())
+    from .distributed import mean
+
+    value = mean(float(loss.detach()))   # torchrun: the loss of the global batch
     if not math.isfinite(value):
         raise RuntimeError(f"{stage}: loss became {value} at step {step + 1}")
     return value
@@ -399,6 +407,13 @@ def dataset_identity(dataset) -> dict:
     return {"path": str(root.resolve()), "sha256": digest}
 
 
+def _barrier() -> None:
+    """torchrun: every rank has checked ``--out`` before rank 0 writes its first checkpoint there."""
+    from .distributed import barrier
+
+    barrier()
+
+
 def open_run(out: Path, cfg: dict, resume: bool, init=None, dataset=None, recipe: str | None = None):
     """Start or resume the training run in the model folder ``out`` -> ``(checkpointer, saved, init)``.
 
@@ -422,6 +437,7 @@ def open_run(out: Path, cfg: dict, resume: bool, init=None, dataset=None, recipe
                              f"or choose another --out")
         if (out / "model.json").exists():
             raise InputError(f"{out}: already holds a model; choose another --out (nothing was changed)")
+        _barrier()
         return ckpt, None, init
     saved = ckpt.load()
     if saved is None:
@@ -449,4 +465,5 @@ def open_run(out: Path, cfg: dict, resume: bool, init=None, dataset=None, recipe
                              f"(its settings have other keys, e.g. {diff!r}); use the same --recipe")
         raise InputError(f"{out}: --resume with different settings than the interrupted run ({diff!r} differs); "
                          f"use the same command line")
+    _barrier()
     return ckpt, saved, saved.meta["extra"].get("init")

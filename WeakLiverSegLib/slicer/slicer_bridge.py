@@ -561,6 +561,48 @@ def segment_array(segmentation_node, segment_id: str, reference_node, scene=None
         _remove_node(labels, scene)
 
 
+def ensure_segment(segmentation_node, kind: str) -> str:
+    """Id of the segmentation's ``Liver`` / ``Liver tumor`` segment (``kind`` "liver" / "tumor"):
+    the one with that name, else the first of that kind (terminology, then name), else a new empty
+    segment with the style's name, colour and terminology."""
+    style = _styles()[kind]
+    segmentation = segmentation_node.GetSegmentation()
+    seg_id = segmentation.GetSegmentIdBySegmentName(style["name"])
+    if seg_id:
+        return seg_id
+    same_kind = segments_by_kind(segmentation_node)[kind]
+    if same_kind:
+        return same_kind[0]
+    seg_id = segmentation.AddEmptySegment("", style["name"], style["color"])
+    _set_terminology(segmentation.GetSegment(seg_id), style["terminology_entry"])
+    return seg_id
+
+
+def set_segment_array(segmentation_node, segment_id: str, array, reference_node, scene=None) -> None:
+    """Replace one segment's content with a binary (z, y, x) array on the reference volume's grid;
+    the other segments are kept (Slicer's labelmap import into an existing segment replaces it)."""
+    import slicer
+    import vtk
+
+    scene = _scene(scene)
+    grid = volume_geometry(reference_node)
+    array = (np.asarray(array) > 0).astype(np.uint8)
+    if array.shape != grid.array.shape:
+        raise ValueError(f"segment array {array.shape} does not match the reference grid {grid.array.shape}")
+    if segmentation_node.GetDisplayNode() is None:
+        segmentation_node.CreateDefaultDisplayNodes()
+    labels = volume_to_node(grid.with_array(array), name=f"{_node_name(segmentation_node)} update (temporary)",
+                            labelmap=True, scene=scene, display=False)
+    try:
+        ids = vtk.vtkStringArray()
+        ids.InsertNextValue(segment_id)
+        ok = slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labels, segmentation_node, ids)
+    finally:
+        _remove_node(labels, scene)
+    if not ok:
+        raise RuntimeError(f"{_node_name(segmentation_node)}: Slicer could not update segment {segment_id!r}")
+
+
 def segmentation_to_mask(segmentation_node, reference_node, scene=None) -> Volume | None:
     """Segmentation node -> uint8 0/1/2 label map on the reference volume's grid (for the store).
 

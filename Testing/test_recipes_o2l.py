@@ -495,3 +495,93 @@ def test_wrong_format_or_class_in_model_json_fails(tiny_model, tmp_path):
     (bad / "model.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match=r"student\.safetensors: weights do not fit"):
         load_model(bad)
+
+
+# ----------------------------------------------------------------------------- box annotators as pseudo-labellers
+
+
+def test_stack_slice_boxes_makes_one_3d_box_per_lesion():
+    from WeakLiverSegLib.learn.slices import stack_slice_boxes
+
+    flat = [Box("tumor", (2, 2, 1), (5, 5, 1)), Box("tumor", (3, 2, 2), (6, 6, 2)),     # lesion A, slices 1-2
+            Box("tumor", (20, 20, 2), (24, 24, 2)),                                      # lesion B
+            Box("tumor", (2, 2, 5), (5, 5, 5))]                                          # A's column, but a gap
+    out = stack_slice_boxes(flat)
+    assert sorted((b.ijk_min, b.ijk_max) for b in out) == [((2, 2, 1), (6, 6, 2)), ((2, 2, 5), (5, 5, 5)),
+                                                           ((20, 20, 2), (24, 24, 2))]
+    solid = Box("tumor", (0, 0, 0), (8, 8, 3))
+    out = stack_slice_boxes(flat + [solid])         # a given 3D box covers lesion A's 2D boxes
+    assert out[0] == solid and sorted(b.ijk_min for b in out[1:]) == [(2, 2, 5), (20, 20, 2)]
+
+
+def test_annotate_case_clips_tumour_to_the_per_slice_boxes(tiny_store):
+    from WeakLiverSegLib.annotate.annotators import FillAnnotator
+    from WeakLiverSegLib.data.boxes import box_mask
+    from WeakLiverSegLib.learn.slices import annotate_case
+
+    case = tiny_store.cases["c2"]
+    per_slice = [b for b in case.boxes if b.is_2d]
+    image = tiny_store.read_image("c2")
+    labels = annotate_case(FillAnnotator(), image, case.liver_box, per_slice)
+    np.testing.assert_array_equal(labels == 2, box_mask(labels.shape, per_slice))
+    np.testing.assert_array_equal(labels >= 1, box_mask(labels.shape, [case.liver_box] + per_slice))
+
+
+class _FillSam:
+    """A LiteMedSAM stand-in: box filling (fast), with the probabilities the fused annotator reads."""
+
+    def __init__(self):
+        from WeakLiverSegLib.annotate.annotators import FillAnnotator
+
+        self.fill, self.calls, self.probabilities, self.name = FillAnnotator(), [], None, "litemedsam"
+
+    def annotate(self, image, boxes, progress=None, image_key=None, keep_probabilities=False):
+        self.calls.append((image_key, len(boxes)))
+        res = self.fill.annotate(image, boxes)
+        self.probabilities = (res.labels.array == 2).astype(np.float16) if keep_probabilities else None
+        return res
+
+
+@pytest.mark.parametrize("annotator", ["litemedsam", "fused"])
+def test_teacher_annotator_pseudo_labels_the_weak_cases(tiny_store, tmp_path, monkeypatch, annotator):
+    from WeakLiverSegLib.annotate import annotators
+
+    stub = _FillSam()
+    monkeypatch.setattr(annotators, "LiteMedSAMAnnotator", _FillSam)      # the type check in o2l accepts the stub
+    monkeypatch.setattr(annotators, "load_annotator", lambda spec, device="cpu": stub)
+    seen = {}
+    real = o2l.training.labels_to_working
+
+    def spy(labels, size):
+        seen[len(seen)] = labels.copy()
+        return real(labels, size)
+
+    monkeypatch.setattr(o2l.training, "labels_to_working", spy)
+    cfg = dict(TINY, teacher={"steps": 2, "annotator": annotator}, student={"steps": 2})
+    out = o2l.train(tiny_store, tmp_path / annotator, cfg, "cpu", Progress("none"))
+    assert [k for k, _ in stub.calls] == ["c2", "c3"]                       # the weak cases, once each
+    meta = json.loads((out / "model.json").read_text())
+    assert meta["training"]["config"]["teacher"]["annotator"] == annotator
+    # strong cases' targets come from their masks (2 calls), then one pseudo-label per weak case
+    from WeakLiverSegLib.data.boxes import box_mask
+
+    pseudo = list(seen.values())[-2:]
+    for labels, cid in zip(pseudo, ("c2", "c3")):
+        case = tiny_store.cases[cid]
+        tumour_boxes = box_mask(labels.shape, [b for b in case.boxes])
+        assert set(np.unique(labels)) <= {0, 1, 2} and not (labels == 2)[~tumour_boxes].any()
+        if annotator == "litemedsam":      # box filling: exactly the boxes
+            np.testing.assert_array_equal(labels == 2, tumour_boxes)
+    # the model's pseudo command labels with the same annotator
+    stub.calls.clear()
+    ds = Dataset.load(o2l.pseudo(load_model(out), tiny_store, tmp_path / "pseudo", "cpu", None))
+    assert [k for k, _ in stub.calls] == ["c2", "c3"]
+    for cid in ("c2", "c3"):
+        mask = ds.read_mask(cid).array
+        if annotator == "litemedsam":
+            np.testing.assert_array_equal(mask == 2, box_mask(mask.shape, tiny_store.cases[cid].boxes))
+
+
+def test_teacher_annotator_setting_is_checked(tiny_store, tmp_path):
+    with pytest.raises(InputError, match="teacher.annotator 'sam2'"):
+        o2l.train(tiny_store, tmp_path / "x", dict(TINY, teacher={"annotator": "sam2"}), "cpu", None)

@@ -82,6 +82,7 @@ class LiteMedSAMAnnotator:
         net = model.networks["litemedsam"]
         fuse_batchnorm(net)
         win = window or model.meta.get("input", {}).get("hu_window") or (-160.0, 240.0)
+        input_size = input_size or model.meta.get("input", {}).get("input_size")   # a fine-tuned model's
         self.predictor = SlicePredictor(net, device=device, window=win, input_size=input_size, batch_size=batch_size)
         self.settings = settings or PropagationSettings()
         self.settings.check()

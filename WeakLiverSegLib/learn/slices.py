@@ -318,3 +318,65 @@ class Sampler:
             "target": torch.cat(targets),
             "loc": torch.from_numpy(loc_target(box.numpy())),
         })
+
+
+# ----------------------------------------------------------------------------- box annotators as pseudo-labellers
+
+
+def stack_slice_boxes(boxes) -> list:
+    """Tumour boxes for a box annotator: every 3D box, plus the 2D (per-slice) boxes stacked into one
+    3D box per lesion (2D boxes on consecutive slices whose in-plane extents overlap), so that the
+    annotator carries each lesion through its slices instead of growing every 2D box on its own.
+    2D boxes that lie inside a given 3D box are dropped (the 3D box covers them)."""
+    from ..data.boxes import Box
+
+    tumors = [b for b in boxes if b.label != "liver"]
+    solid = [b for b in tumors if not b.is_2d]
+    flat = [b for b in tumors if b.is_2d and not any(
+        s.ijk_min[2] <= b.ijk_min[2] <= s.ijk_max[2]
+        and all(b.ijk_min[a] <= s.ijk_max[a] and b.ijk_max[a] >= s.ijk_min[a] for a in (0, 1)) for s in solid)]
+    stacks: list = []          # [lo, hi] lists, grown slice by slice
+    for b in sorted(flat, key=lambda b: b.ijk_min[2]):
+        for st in stacks:
+            lo, hi = st[0], st[1]
+            if hi[2] == b.ijk_min[2] - 1 or lo[2] <= b.ijk_min[2] <= hi[2]:
+                if all(b.ijk_min[a] <= hi[a] and b.ijk_max[a] >= lo[a] for a in (0, 1)):
+                    st[0] = [min(lo[a], b.ijk_min[a]) for a in range(3)]
+                    st[1] = [max(hi[a], b.ijk_max[a]) for a in range(3)]
+                    break
+        else:
+            stacks.append([list(b.ijk_min), list(b.ijk_max), b.source])
+    return solid + [Box("tumor", tuple(lo), tuple(hi), source=src) for lo, hi, src in stacks]
+
+
+def annotate_case(annotator, image, liver_box, boxes, progress=None, where: str = "") -> np.ndarray:
+    """A weak case's pseudo-label map (uint8 0/1/2, the image's grid) from a box annotator
+    (``annotate.annotators``: litemedsam, fused, fill ...): the liver box and the lesions' stacked
+    boxes (``stack_slice_boxes``) are annotated; tumour outside the case's own tumour boxes (the
+    tighter per-slice ones where given) becomes liver.  A box the annotator finds empty is left out
+    (logged) instead of failing the whole case."""
+    from ..data.boxes import box_mask
+    from ..errors import InputError
+
+    tumors = [b for b in boxes if b.label != "liver"]
+    todo = ([liver_box] if liver_box is not None else []) + stack_slice_boxes(tumors)
+    if not todo:
+        return np.zeros(image.array.shape, np.uint8)
+    kwargs = {"image_key": where or id(image.array)} if getattr(annotator, "name", "") in ("litemedsam", "fused") else {}
+    try:
+        labels = annotator.annotate(image, todo, **kwargs).labels.array.copy()
+    except InputError:
+        labels = np.zeros(image.array.shape, np.uint8)
+        for box in sorted(todo, key=lambda b: b.label != "liver"):      # one by one, the tumour winning
+            try:
+                part = annotator.annotate(image, [box], **kwargs).labels.array
+            except InputError as exc:
+                if progress is not None:
+                    progress.log(f"{where}: {exc}; left out of the pseudo-label")
+                continue
+            labels[part == 2] = 2
+            labels[(part == 1) & (labels == 0)] = 1
+    if tumors:
+        outside = (labels == 2) & ~box_mask(labels.shape, tumors)
+        labels[outside] = 1
+    return labels.astype(np.uint8)

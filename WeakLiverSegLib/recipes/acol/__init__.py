@@ -59,6 +59,10 @@ Deviations from the paper (all config fields):
 * ``classifier.mode``: ``box`` (Table 2's baseline: the filled boxes are the pseudo-masks) and
   ``centre`` (a centred Gaussian instead of a mined map: how much the mining adds over the CRF
   and the fill prior alone) train no classifier.
+* ``pseudo.annotator: litemedsam`` (not in the paper) replaces mining + CRF by LiteMedSAM's annotation
+  of the boxes (``learn.slices.annotate_case``; the liver box, when the case has one, prompts too;
+  ``pseudo.annotator_model`` = a fine-tuned LiteMedSAM folder): hard 0 / tumour masks without an
+  ignore region, and no classifier is trained.  ``segment`` / ``pseudo`` of such a model annotate too.
 
 Files: ``config.py`` (DEFAULTS, validation), ``fpn_classifier.py`` (ResNet-50 + FPN region miner with
 ACoL branches), ``anchor_boxes.py`` (anchors, negatives), ``classifier.py`` (its batches and loss), ``mining.py``

@@ -19,6 +19,7 @@ PHASES = {"train": ("enhanced",), "inference": ("enhanced",)}
 # centre: no classifier, a centred Gaussian instead of the mined map (a control: the CRF without mining)
 MODES = ("acol", "cam", "box", "centre")
 MINING_MODES = ("acol", "cam")
+PSEUDO_ANNOTATORS = ("mined", "litemedsam")
 SIZES = {
     "paper": {"width": 1.0, "fpn_channels": 256, "head_channels": 512, "roi_size": 14, "negatives": 256, "batch_size": 8},
     "cpu": {"width": 0.25, "fpn_channels": 64, "head_channels": 128, "roi_size": 8, "negatives": 64, "batch_size": 4},
@@ -59,6 +60,11 @@ DEFAULTS = {
         "threshold": 0.5,
         "max_pixels": 2500,
         "min_side": 3,
+    },
+    "pseudo": {
+        "annotator": "mined",    # mined (the paper: classifier maps + CRF) | litemedsam (LiteMedSAM's annotation
+                                 # of the boxes, hard 0/2, no ignore region; the classifier is then not trained)
+        "annotator_model": None, # LiteMedSAM model folder (fine-tuned); None = the pretrained one
     },
     "segmenter": {
         "channels": [16, 32, 64, 128],
@@ -117,7 +123,12 @@ def resolve_config(config: dict | None, device="cpu") -> dict:
         steps = cfg[stage]["steps"]
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise InputError(f"{where}: {stage}.steps must be an integer >= 0, got {steps!r}")
-    if c["mode"] not in MINING_MODES:
+    ps = cfg["pseudo"]
+    if ps["annotator"] not in PSEUDO_ANNOTATORS:
+        raise InputError(f"{where}: pseudo.annotator {ps['annotator']!r} is not one of {list(PSEUDO_ANNOTATORS)}")
+    if ps["annotator_model"] is not None and not isinstance(ps["annotator_model"], str):
+        raise InputError(f"{where}: pseudo.annotator_model must be a model folder path or null")
+    if c["mode"] not in MINING_MODES or ps["annotator"] != "mined":
         c["steps"] = 0                # nothing to mine: every step goes to the segmenter
     crf = cfg["crf"]
     fill = crf["fill_prior"]

@@ -26,8 +26,27 @@ def _model_config(model) -> dict:
 
 
 def has_teacher(model) -> bool:
-    """A classifier to mine boxes with, or the box-fill mode (which needs none)."""
-    return "classifier" in model.networks or _model_config(model)["classifier"]["mode"] not in MINING_MODES
+    """A classifier to mine boxes with, the box-fill mode or a box annotator (which need none)."""
+    cfg = _model_config(model)
+    return ("classifier" in model.networks or cfg["classifier"]["mode"] not in MINING_MODES
+            or cfg.get("pseudo", {}).get("annotator", "mined") != "mined")
+
+
+def box_annotator(cfg, device="cpu"):
+    """The LiteMedSAM annotator of ``pseudo.annotator`` (None for the paper's mining)."""
+    from ...annotate.annotators import load_annotator
+
+    ps = cfg.get("pseudo", {})
+    if ps.get("annotator", "mined") == "mined":
+        return None
+    return load_annotator(ps.get("annotator_model") or "litemedsam", device=str(device))
+
+
+def annotator_mask(annotator, image: Volume, liver_box, tumor_boxes, where="") -> np.ndarray:
+    """Tumour (z, y, x) bool of a box annotator inside the tumour boxes (the liver box helps it, if given)."""
+    from ...learn.slices import annotate_case
+
+    return annotate_case(annotator, image, liver_box, tumor_boxes, where=where) == TUMOUR_VALUE
 
 
 def _pick_image(images: dict, model) -> Volume:
@@ -41,7 +60,7 @@ def _pick_image(images: dict, model) -> Volume:
     raise InputError(f"--input: this model needs the phase {phases[0] if phases else None!r}; got {sorted(map(str, images))}")
 
 
-def pseudo_mask(model, image: Volume, tumor_boxes, device="cpu", progress=None) -> tuple:
+def pseudo_mask(model, image: Volume, tumor_boxes, device="cpu", progress=None, liver_box=None) -> tuple:
     """The teacher's pseudo-mask on the input grid: (tumour bool (z, y, x), Q(tumour) float32 (z, y, x)).
 
     Tumour = CRF probability above the threshold, and inside a box on the input grid.
@@ -51,6 +70,10 @@ def pseudo_mask(model, image: Volume, tumor_boxes, device="cpu", progress=None) 
         raise InputError(f"{model.path}: this model has no region-mining classifier")
     for n, box in enumerate(tumor_boxes):
         box.validate(image, where=f"boxes[{n}]")
+    annotator = box_annotator(cfg, device)
+    if annotator is not None:
+        fg = annotator_mask(annotator, image, liver_box, tumor_boxes) if tumor_boxes else np.zeros(image.array.shape, bool)
+        return fg, fg.astype(np.float32)
     work = _working_image(image, cfg)
     rects = slice_rects(tumor_boxes, image.array.shape, work.shape[1:])
     prob_w, _ = mine_pseudo(model.networks.get("classifier"), work, rects, cfg, device, progress)
@@ -98,7 +121,7 @@ def segment(model, images: dict, boxes=None, device="cpu", progress=None) -> Seg
     liver, tumors = split_boxes(list(boxes or []))
     tumors = lesion_boxes_for_slices(tumors)
     if tumors and has_teacher(model):
-        fg, prob = pseudo_mask(model, image, tumors, device, progress)
+        fg, prob = pseudo_mask(model, image, tumors, device, progress, liver_box=liver)
     else:
         if "segmenter" not in model.networks:
             raise InputError(f"{model.path}: this model has no segmentation network")
@@ -135,7 +158,7 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
 
     def relabel(case, images):
         image = images[_phase_of(case, cfg)]
-        fg, prob = pseudo_mask(model, image, lesion_boxes_for_slices(case.boxes), device)
+        fg, prob = pseudo_mask(model, image, lesion_boxes_for_slices(case.boxes), device, liver_box=case.liver_box)
         write_image(image.with_array(prob), Path(out_dir) / "pseudo" / f"{case.id}_tumor_prob.nii.gz")
         return image.with_array(np.where(fg, TUMOUR_VALUE, 0).astype(np.uint8))
 

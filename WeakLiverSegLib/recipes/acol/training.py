@@ -25,7 +25,7 @@ from .classifier import BoxCase, classifier_batch, classifier_loss
 from .mining import mine_pseudo, pseudo_labels
 from .segmenter import decode_target, encode_target, masked_dice_loss, poly_lr
 from .data import _phase_of, _select_cases, _working_image, case_tumor_boxes
-from .inference import segment
+from .inference import annotator_mask, box_annotator, segment
 
 
 def _train_classifier(net, opt, cases, cfg, start, ckpt, state, rng, progress, device):
@@ -155,9 +155,20 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
     t0 = time.monotonic()
     seg_cases = []
     n_mined, to_mine = 0, sum(1 for p in prepared if p[3] is None and p[2])
+    annotator = box_annotator(cfg, device) if to_mine else None
     for case, work, rects, real, maps in prepared:
         if real is not None:
             labels = real
+        elif rects and annotator is not None:
+            check_cancelled(progress)
+            image = dataset.read_image(case.id, _phase_of(case, cfg))
+            fg = annotator_mask(annotator, image, case.liver_box, case_tumor_boxes(case, dataset), where=case.id)
+            t = torch.from_numpy(fg.astype(np.float32))[:, None]
+            t = F.interpolate(t, size=work.shape[1:], mode="bilinear", align_corners=False)[:, 0].numpy()
+            labels = np.where(t > 0.5, TUMOUR_VALUE, 0).astype(np.uint8)
+            n_mined += 1
+            if progress is not None:
+                progress.update("pseudo-masks", n_mined, to_mine)
         elif rects:
             prob, inbox = mine_pseudo(nets["classifier"], work, rects, cfg, device, progress)
             labels = pseudo_labels(prob, inbox, cfg["crf"]["threshold"])
@@ -199,7 +210,8 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
         "metrics": {},
     }
     networks = {role: (type(net).__name__, kwargs[role], net.eval()) for role, net in nets.items()
-                if role != "classifier" or cfg["classifier"]["mode"] in MINING_MODES}
+                if role != "classifier" or (cfg["classifier"]["mode"] in MINING_MODES
+                                            and cfg["pseudo"]["annotator"] == "mined")}
     if val:
         from ...learn.modelstore import LoadedModel
 

@@ -8,7 +8,13 @@ Mixed Supervision" (../shared/papers/o2l_teacher_student_mixed_supervision_lits.
    trained on the strong set (cases with a mask, split train).  Its boxes are derived from the
    masks as in the paper: tumour boxes per lesion per slice (2D) and the organ box of the liver.
 2. Pseudo-labels: the teacher's softmax for every weak case (boxes, no mask, split train),
-   computed from the case's own boxes.
+   computed from the case's own boxes.  ``teacher.annotator`` (not in the paper) can hand this to a
+   box annotator instead: ``litemedsam`` = LiteMedSAM's annotation of the case's liver box and
+   lesions (per-slice boxes stacked per lesion, tumour clipped back to the per-slice boxes; one-hot;
+   ``teacher.annotator_model`` = a fine-tuned LiteMedSAM folder, default the pretrained one),
+   ``fused`` = LiteMedSAM's and this teacher's tumour probabilities averaged inside the boxes
+   (``annotate.annotators.FusedAnnotator``).  ``box_constraint`` / ``pseudo_temperature`` apply to
+   ``trained`` only.
 3. Student segmentor: the same backbone plus the localization branch; loss Eq. 4 =
    cross-entropy with the strong masks and the soft pseudo-labels + ``alpha`` x class-weighted
    cross-entropy of the box one-hot map (background / liver box / lesion box, lesion wins).
@@ -50,7 +56,7 @@ Deviations from the paper, for a CPU budget of a few minutes (all are config fie
   boxes; ``teacher.pseudo_temperature`` (default 1 = the paper's soft labels) can sharpen them.
 
 Files: ``config.py`` (DEFAULTS, validation), ``data.py`` (case -> working grid, box maps),
-``inference.py`` (teacher / student probabilities, ``segment``, ``pseudo``), ``training.py`` (teacher,
+``inference.py`` (teacher / student probabilities, ``segment``, ``pseudo``, ``box_annotator``), ``training.py`` (teacher,
 pseudo-labels, student).  The networks are shared: ``learn/networks/unet2d.py``.
 May import data, anatomy, learn, evaluation (and annotate); another recipe only through ``recipes.get``.
 """

@@ -18,6 +18,7 @@ LABELS = {"background": 0, "liver": 1, "tumor": 2}
 # default the reference phase of each case).
 PHASES = {"train": ("enhanced",), "inference": ("enhanced",)}
 STUDENT_VARIANTS = ("strong_only", "mixed", "mixed_loc", "full")
+ANNOTATORS = ("trained", "litemedsam", "fused")
 
 DEFAULTS = {
     "steps": None,               # total optimisation steps (teacher + student), scaled; None = the stages' own
@@ -43,6 +44,9 @@ DEFAULTS = {
         "box_constraint": False, # clip pseudo-labels to the boxes (not in the paper)
         "dice_weight": 1.0,      # + weight x soft Dice loss (see the module docstring; 0 = the paper)
         "pseudo_temperature": 1.0,   # softmax^(1/T) renormalised; 1 = the paper's soft labels, < 1 sharper
+        "annotator": "trained",  # who pseudo-labels the weak cases: trained (this teacher, the paper) |
+                                 # litemedsam (LiteMedSAM's annotation of the boxes, one-hot) | fused (both averaged)
+        "annotator_model": None, # LiteMedSAM model folder for litemedsam / fused; None = the pretrained one
     },
     "student": {
         "variant": "mixed_loc",  # strong_only | mixed | mixed_loc | full (upper bound: reads truth)
@@ -97,6 +101,10 @@ def _check_config(cfg: dict) -> None:
     for key in ("flip_prob", "roi_prob"):
         if not _number(cfg[key]) or not 0 <= cfg[key] <= 1:
             raise InputError(f"{where}: {key} must be a probability in [0, 1], got {cfg[key]!r}")
+    if t["annotator"] not in ANNOTATORS:
+        raise InputError(f"{where}: teacher.annotator {t['annotator']!r} is not one of {list(ANNOTATORS)}")
+    if t["annotator_model"] is not None and not isinstance(t["annotator_model"], str):
+        raise InputError(f"{where}: teacher.annotator_model must be a model folder path or null")
     if not (_number(t["pseudo_temperature"]) and t["pseudo_temperature"] > 0):
         raise InputError(f"{where}: teacher.pseudo_temperature must be a positive number")
     lw = s["loc_class_weights"]

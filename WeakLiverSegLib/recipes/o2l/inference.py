@@ -157,13 +157,35 @@ def segment(model, images: dict, boxes=None, device="cpu", progress=None, use_te
 
 
 # ----------------------------------------------------------------------------- pseudo
+def box_annotator(model, device="cpu"):
+    """The pseudo-label annotator of the model's ``teacher.annotator`` (None for ``trained``, the paper's):
+    LiteMedSAM (``teacher.annotator_model``, default the pretrained one) alone, or fused with the
+    model's teacher (``annotate.annotators.FusedAnnotator``)."""
+    from types import SimpleNamespace
+
+    from ...annotate.annotators import FusedAnnotator, LiteMedSAMAnnotator, TrainedAnnotator, load_annotator
+
+    t = model.meta.get("training", {}).get("config", {}).get("teacher", {})
+    kind = t.get("annotator", "trained")
+    if kind == "trained":
+        return None
+    spec = t.get("annotator_model") or "litemedsam"
+    sam = load_annotator(spec, device=str(device))
+    if not isinstance(sam, LiteMedSAMAnnotator):
+        raise InputError(f"teacher.annotator_model {spec!r}: not a LiteMedSAM model (recipe litemedsam)")
+    if kind == "litemedsam":
+        return sam
+    return FusedAnnotator(sam, TrainedAnnotator(model, SimpleNamespace(segment=segment), str(device)))
+
+
 def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
     """Write the teacher's pseudo-labels for every weak case (boxes with a liver box, no mask) of ``dataset``.
 
     ``out_dir`` becomes a copy of the store in which those cases carry the (post-processed)
     pseudo-label map as their mask, so it can be trained on directly, plus
     ``pseudo/<id>_tumor_prob.nii.gz`` and ``pseudo/<id>_liver_prob.nii.gz`` (liver incl. tumour),
-    float32 teacher softmax on the case's grid.
+    float32 teacher softmax on the case's grid.  A model trained with ``teacher.annotator`` litemedsam /
+    fused labels with that annotator instead (one-hot maps in those files).
     """
     from ...data.imageio import write_image
 
@@ -173,9 +195,17 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
     if not weak:
         raise InputError(f"{dataset.root}: no weak case (a liver box, no mask) to pseudo-label")
     phases = _model_input(model.meta)["phases"]
+    annotator = box_annotator(model, device)
 
     def relabel(case, images):
         image = images[phases[0]] if phases[0] in images else images[case.reference]
+        if annotator is not None:      # teacher.annotator: one-hot pseudo-labels of the box annotator
+            from ...learn.slices import annotate_case
+
+            labels = annotate_case(annotator, image, case.liver_box, case.boxes, progress, where=case.id)
+            for key, value in (("tumor", labels == 2), ("liver", labels >= 1)):
+                write_image(image.with_array(value.astype(np.float32)), Path(out_dir) / "pseudo" / f"{case.id}_{key}_prob.nii.gz")
+            return image.with_array(labels)
         probs = _working_probs(model, image, [case.liver_box] + list(case.boxes), True, device, None)
         labels, tumour, _, liver = _to_input_grid(probs, image.array.shape, True, liver=True)
         write_image(image.with_array(tumour), Path(out_dir) / "pseudo" / f"{case.id}_tumor_prob.nii.gz")

@@ -18,12 +18,12 @@ from ...errors import InputError
 from ...learn.modelstore import LoadedModel, load_model, save_model
 from ...learn.networks.unet2d import BoxAttentionUNet2D
 from ...learn.distributed import wrap
-from ...learn.slices import N_CLASSES, Sampler
+from ...learn.slices import N_CLASSES, Sampler, annotate_case, labels_to_working
 from ...learn.training import (check_cancelled, lr_at, recalibrate_batchnorm, make_optimizer, most_common_phase, open_run, optimizer_step,
                                set_lr, soft_cross_entropy)
 from .config import LABELS, NAME, NETWORK_CLASS, PHASES, RECIPE_VERSION, needs_teacher, resolve_config
 from .data import _prepare, _read_image, mask_boxes, store_boxes
-from .inference import _device, _model_input, constrain_to_boxes, predict_volume, segment, sharpen
+from .inference import _device, _model_input, box_annotator, constrain_to_boxes, predict_volume, segment, sharpen
 
 
 def _net_kwargs(cfg, role: str) -> dict:
@@ -219,7 +219,22 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
         stage0, step0 = "student", 0
 
     # -- pseudo-labels (soft) for the weak cases
-    if use_teacher and weak_images:
+    if use_teacher and weak_images and cfg["teacher"]["annotator"] != "trained":
+        t0 = time.monotonic()
+        phase = cfg["phase"] or most_common_phase(strong + weak, PHASES["inference"][0])
+        teacher_meta = {"input": {"phases": [phase], "hu_window": list(cfg["hu_window"]),
+                                  "spacing_mm": [float(cfg["spacing_mm"])] * 2, "context_slices": int(cfg["context"])},
+                        "training": {"config": cfg}}
+        annotator = box_annotator(LoadedModel(out, teacher_meta, {"teacher": nets["teacher"]}), device)
+        for n, (case, prepared) in enumerate(zip(weak, weak_images)):
+            check_cancelled(progress)
+            image = _read_image(dataset, case, cfg)
+            labels = annotate_case(annotator, image, case.liver_box, case.boxes, progress, where=case.id)
+            prepared.target = labels_to_working(labels, prepared.image.shape[1:]).astype(np.float16)
+            if progress is not None:
+                progress.update("pseudo-labels", n + 1, len(weak_images))
+        state["seconds"]["pseudo"] = round(time.monotonic() - t0, 2)
+    elif use_teacher and weak_images:
         t0 = time.monotonic()
         for n, case in enumerate(weak_images):
             probs = predict_volume(nets["teacher"], case.image, case.boxes, cfg["context"], cfg["infer_batch"], device)

@@ -265,3 +265,12 @@ def test_fused_averages_the_two_tumour_probabilities_inside_tumour_boxes():
     lab = FusedAnnotator(Sam(), teacher).annotate(vol, [liver, tumour]).labels.array
     assert (lab == 2).sum() == 6 * 11 * 11                     # (0.8 + 0.9) / 2 > 0.5 only in the core
     assert lab[6, 21, 21] == 1 and lab[0, 0, 0] == 0           # dropped tumour stays liver inside the liver box
+
+
+def test_stride_interpolates_the_skipped_slices(model):
+    vol, truth = cylinder_volume(nz=14, z0=3, z1=10)
+    ann = load_annotator(model.path, input_size=128)
+    ann.settings.stride = 2
+    res = ann.annotate(vol, [Box("tumor", (19, 22, 3), (41, 44, 10))])
+    assert res.encoded_slices < 8                     # not every slice was encoded ...
+    assert dice(res.labels.array == 2, truth) >= 0.9  # ... and the skipped ones were filled in

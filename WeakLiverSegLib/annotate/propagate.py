@@ -167,8 +167,8 @@ class Propagator:
                 self.predictor.embeddings([z for z in span if zlo <= z <= zhi], view)
             mask = self._predict(k, view, self._prompt(out[prev_k], limit), shape)
             if self._accept(mask, out[prev_k], k):
-                self._fill_between(out, prev_k, k)
                 out[k] = mask
+                self._fill_between(out, prev_k, k)
                 prev_k = k
                 continue
             # the object ended between prev_k and k: try the skipped slices one by one

@@ -274,3 +274,18 @@ def test_stride_interpolates_the_skipped_slices(model):
     res = ann.annotate(vol, [Box("tumor", (19, 22, 3), (41, 44, 10))])
     assert res.encoded_slices < 8                     # not every slice was encoded ...
     assert dice(res.labels.array == 2, truth) >= 0.9  # ... and the skipped ones were filled in
+
+
+def test_refine_redraws_each_found_object_from_its_box(model):
+    from scipy import ndimage
+
+    from WeakLiverSegLib.annotate.annotators import refine_labels
+
+    vol, truth = cylinder_volume()
+    rough = np.zeros(truth.shape, np.uint8)
+    rough[ndimage.binary_dilation(truth, iterations=2) & (np.arange(truth.shape[0]) >= 4)[:, None, None]
+          & (np.arange(truth.shape[0]) <= 9)[:, None, None]] = 2     # a blob 2 voxels too wide in-plane
+    ann = load_annotator(model.path, input_size=128)
+    refined = refine_labels(vol, vol.with_array(rough), ann).array
+    assert dice(refined == 2, truth) > dice(rough == 2, truth) + 0.05
+    assert dice(refined == 2, truth) >= 0.9

@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--boxes", type=Path, help="JSON list of boxes (store format) for teacher models")
     sp.add_argument("--out", required=True, type=Path, help="label map: .nii.gz, .nii, .nrrd, .seg.nrrd, or .dcm (DICOM SEG; needs a DICOM series --input)")
     sp.add_argument("--probabilities", type=Path, help="also write the tumour probability map here")
+    sp.add_argument("--refine", metavar="ANNOTATOR",
+                    help="redraw each object found (the liver, each tumour) with a box annotator from its bounding "
+                         "box: litemedsam or a model folder (single image only)")
     sp.add_argument("--uncertainty", type=Path, help="also write the predictive-entropy map here")
     sp.add_argument("--jobs", type=int, default=1,
                     help="batch only: worker processes, each loading the model once (default 1)")
@@ -357,6 +360,8 @@ def cmd_segment(args, progress):
 
         args.model = default_model()
     if is_batch_input(args.input):
+        if args.refine:
+            raise InputError("--refine: segment one image at a time to refine it (not a folder or list)")
         return cmd_segment_batch(args, progress)
     from ..data.imageio import check_finite, check_same_grid, read_image, write_image, write_label_map
     from ..learn.modelstore import load_model
@@ -380,7 +385,19 @@ def cmd_segment(args, progress):
         check_same_grid(ref, vol, where=f"--input {phase}")
     boxes = read_boxes_json(args.boxes, ref) if args.boxes else None
     dicom_source = _dicom_seg_source(args.out, paths)
+    refiner = None
+    if args.refine:                 # loaded before the model runs: a missing annotator fails fast
+        from .. import recipes
+        from ..annotate.annotators import load_annotator
+
+        if args.refine in ("fill", "fused"):
+            raise InputError(f"--refine {args.refine}: use litemedsam or a model folder")
+        refiner = load_annotator(args.refine, device=device, recipe_lookup=recipes.get)
     result = recipe.segment(model, images, boxes=boxes, device=device, progress=progress)
+    if refiner is not None:
+        from ..annotate.annotators import refine_labels
+
+        result.labels = refine_labels(ref, result.labels, refiner, progress)
     if dicom_source is not None:
         from ..data.dicom_seg import write_dicom_seg
 

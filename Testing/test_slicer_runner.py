@@ -218,6 +218,9 @@ def test_commands_run_the_library_cli_with_this_python_outside_slicer(tmp_path):
                        "--device", "cuda", "--progress", "jsonl"]
     single = logic.build_segment_command("m", "ct.nii.gz", "o.nii.gz")
     assert single[single.index("--input") + 1] == "ct.nii.gz" and "--probabilities" not in single
+    assert "--refine" not in single
+    refined = logic.build_segment_command("m", "ct.nii.gz", "o.nii.gz", refine=True)
+    assert refined[refined.index("--refine") + 1] == "litemedsam"
     env = logic.subprocess_env()
     assert env["PYTHONPATH"].split(os.pathsep)[0] == str(REPO_ROOT)
     assert logic.finetune_output_folder(tmp_path / "model") == tmp_path / "model-ft1"

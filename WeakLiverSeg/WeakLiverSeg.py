@@ -119,6 +119,7 @@ class WeakLiverSegParameterNode:
     outputProbability: bool = False
     outputUncertainty: bool = False
     estimateCouinaud: bool = False
+    refineWithLiteMedSAM: bool = False
     outputSegmentation: vtkMRMLSegmentationNode
     exportFormat: Annotated[str, Choice(list(slicer_logic.EXPORT_FORMATS))] = "nnunet"
     exportIncludePseudo: bool = False
@@ -574,14 +575,15 @@ class WeakLiverSegWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._startedJob("Fine-tuning")
 
     def onSegment(self):
-        if not self._ensureDependencies("all", self.onSegment):
+        purpose = "litemedsam" if self._parameterNode.refineWithLiteMedSAM else "all"
+        if not self._ensureDependencies(purpose, self.onSegment):
             return
         p = self._parameterNode
         with slicer.util.tryWithErrorDisplay("Cannot start segmentation.", waitCursor=True):
             volumes = self.logic.phases_from_nodes(p.inputVolume, p.plainVolume)
             self.logic.start_segmentation(_folder(p.modelFolder), volumes, device=p.device,
                                           probabilities=p.outputProbability, uncertainty=p.outputUncertainty,
-                                          couinaud=p.estimateCouinaud)
+                                          couinaud=p.estimateCouinaud, refine=p.refineWithLiteMedSAM)
             self.ui.modelPathLineEdit.addCurrentPathToHistory()
             self._startedJob("Segmentation")
 

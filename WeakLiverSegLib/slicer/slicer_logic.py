@@ -1100,9 +1100,9 @@ class WeakLiverSegLogic:
         return argv
 
     def build_segment_command(self, model, inputs, out, probabilities=None, uncertainty=None, boxes=None,
-                              device="auto") -> list:
+                              device="auto", refine: bool = False) -> list:
         """argv of ``weakliverseg segment``; ``inputs`` is one path or ``{phase: path}``; no ``model``:
-        the shipped starter model (``default_model_folder``)."""
+        the shipped starter model (``default_model_folder``); ``refine``: ``--refine litemedsam``."""
         model = model or self.default_model_folder()
         argv = self._cli() + ["segment", "--model", str(model)]
         if isinstance(inputs, dict):
@@ -1117,6 +1117,8 @@ class WeakLiverSegLogic:
             argv += ["--uncertainty", str(uncertainty)]
         if boxes:
             argv += ["--boxes", str(boxes)]
+        if refine:
+            argv += ["--refine", "litemedsam"]
         argv += ["--device", str(device or "auto"), "--progress", "jsonl"]
         return argv
 
@@ -1325,7 +1327,7 @@ class WeakLiverSegLogic:
         return {p: volumes[p] for p in needed}
 
     def start_segmentation(self, model, volumes: dict, device="auto", probabilities=False, uncertainty=False,
-                           name=None, couinaud: bool = False) -> BackgroundRunner:
+                           name=None, couinaud: bool = False, refine: bool = False) -> BackgroundRunner:
         """Write the input volume(s) to a temp folder and run ``segment`` on them in the background.
 
         The background process (``job_main segment``) also measures the tumours and, with
@@ -1354,7 +1356,7 @@ class WeakLiverSegLogic:
                               measurements=workdir / "tumours.json")
             inputs = next(iter(paths.values())) if len(paths) == 1 else paths
             argv = self.build_segment_command(model, inputs, job.labels, job.probabilities, job.uncertainty,
-                                              device=device)
+                                              device=device, refine=refine)
             jobs = self._jobs() + ["segment", "--measure", str(job.measurements)]
             couinaud_node = (volumes.get(ENHANCED_PHASE) or volumes.get(SINGLE_PHASE)) if couinaud else None
             if couinaud_node is not None:

@@ -137,8 +137,8 @@ def test_liver_and_tumour_boxes_compose_with_the_tumour_winning():
 def test_an_empty_result_names_the_box(model, monkeypatch):
     vol, _ = cylinder_volume()
     ann = load_annotator(model.path, input_size=128)
-    monkeypatch.setattr(ann.predictor, "predict", lambda k, view, box: (np.zeros(view[2:], bool), 0.0,
-                                                                            np.zeros(view[2:], np.float32)))
+    monkeypatch.setattr(ann.predictor, "predict", lambda k, view, box: (np.zeros(view[2:4], bool), 0.0,
+                                                                            np.zeros(view[2:4], np.float32)))
     with pytest.raises(InputError, match=r"box \[0\] \(tumor, ijk \[19, 22, 4\]\.\.\[41, 44, 9\]\).*found no tumor"):
         ann.annotate(vol, [Box("tumor", (19, 22, 4), (41, 44, 9))])
 

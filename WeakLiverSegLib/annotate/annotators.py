@@ -82,8 +82,10 @@ class LiteMedSAMAnnotator:
         net = model.networks["litemedsam"]
         fuse_batchnorm(net)
         win = window or model.meta.get("input", {}).get("hu_window") or (-160.0, 240.0)
-        input_size = input_size or model.meta.get("input", {}).get("input_size")   # a fine-tuned model's
-        self.predictor = SlicePredictor(net, device=device, window=win, input_size=input_size, batch_size=batch_size)
+        # one input size for every box when asked (or a fine-tuned model's), else the settings' per label
+        self.input_size = input_size or model.meta.get("input", {}).get("input_size")
+        self.predictor = SlicePredictor(net, device=device, window=win, input_size=self.input_size,
+                                        batch_size=batch_size)
         self.settings = settings or PropagationSettings()
         self.settings.check()
         self.probabilities = None   # set by annotate(keep_probabilities=True): float16 (z, y, x)
@@ -93,7 +95,7 @@ class LiteMedSAMAnnotator:
         t0 = time.perf_counter()
         boxes = _check_boxes(image, boxes)
         encoded0 = self.predictor.encoded
-        prop = Propagator(self.predictor, self.settings)
+        prop = Propagator(self.predictor, self.settings, self.input_size)
         self.probabilities = np.zeros(image.array.shape, np.float16) if keep_probabilities else None
         masks, per_box = [], []
         order = _order(boxes)

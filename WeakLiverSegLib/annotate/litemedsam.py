@@ -74,9 +74,10 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
 class SlicePredictor:
     """One network, the preprocessing it was trained with, and an embedding cache.
 
-    A *view* is a rectangle of one slice (row0, col0, rows, cols) that is scaled into the model's
-    square input: the whole slice, or a crop around the box. Embeddings are cached per
-    (slice, view) so a slice encoded once is never encoded again while the image stays the same.
+    A *view* is a rectangle of one slice and the side of the model input it is scaled into,
+    (row0, col0, rows, cols, size): the whole slice or a crop around the box, at 256 (as trained) or
+    smaller (faster; ``size`` None = ``input_size``). Embeddings are cached per (slice, view), so a slice
+    encoded once is never encoded again while the image stays the same.
     """
 
     def __init__(self, net: LiteMedSAM, device: str = "cpu", window=(-160.0, 240.0), input_size: int | None = None,
@@ -94,11 +95,20 @@ class SlicePredictor:
         self.encoded = 0          # slices encoded (for speed reports)
 
     # -- preprocessing ---------------------------------------------------------------------
-    def _scale(self, view) -> float:
-        return self.input_size / max(view[2], view[3])
+    def view(self, view) -> tuple:
+        """``(r0, c0, h, w[, size])`` -> the full 5-tuple (ints; size checked)."""
+        r0, c0, h, w, *rest = (int(v) if v is not None else None for v in view)
+        size = rest[0] if rest and rest[0] else self.input_size
+        if size % 16:
+            raise ValueError(f"model input size {size}: must be a multiple of 16")
+        return r0, c0, h, w, size
+
+    @staticmethod
+    def _scale(view) -> float:
+        return view[4] / max(view[2], view[3])
 
     def _prepare(self, plane: np.ndarray, view) -> torch.Tensor:
-        r0, c0, h, w = view
+        r0, c0, h, w, size = view
         img = np.clip(plane[r0 : r0 + h, c0 : c0 + w].astype(np.float32), *self.window)
         lo, hi = float(img.min()), float(img.max())
         img = (img - lo) / max(hi - lo, 1e-8)
@@ -106,7 +116,7 @@ class SlicePredictor:
         nh, nw = max(1, int(round(h * s))), max(1, int(round(w * s)))
         t = torch.from_numpy(img)[None, None]
         t = F.interpolate(t, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        t = F.pad(t, (0, self.input_size - nw, 0, self.input_size - nh))
+        t = F.pad(t, (0, size - nw, 0, size - nh))
         return t.expand(-1, 3, -1, -1)
 
     def set_image(self, array_zyx: np.ndarray, key=None) -> None:
@@ -118,12 +128,12 @@ class SlicePredictor:
         self._array = array_zyx
 
     def cached(self, k: int, view) -> bool:
-        return (k, tuple(int(v) for v in view)) in self._cache
+        return (k, self.view(view)) in self._cache
 
     @torch.inference_mode()
     def embeddings(self, slices, view) -> dict:
         """Embeddings of ``slices`` (iterable of k) in ``view``; uncached ones encoded in batches."""
-        view = tuple(int(v) for v in view)
+        view = self.view(view)
         todo = [k for k in slices if (k, view) not in self._cache]
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i : i + self.batch_size]
@@ -141,9 +151,9 @@ class SlicePredictor:
         """Mask of slice ``k`` inside ``view`` for a box (r0, c0, r1, c1) in slice pixels (inclusive).
 
         Returns (bool mask of the view's shape, predicted IoU, foreground probability map)."""
-        view = tuple(int(v) for v in view)
+        view = self.view(view)
         emb = self.embeddings([k], view)[k]
-        r0, c0, h, w = view
+        r0, c0, h, w, _ = view
         s = self._scale(view)
         # LiteMedSAM's convention: the first / last pixel indices of the box, times the resize factor
         box = [(box_rc[1] - c0) * s, (box_rc[0] - r0) * s, (box_rc[3] - c0) * s, (box_rc[2] - r0) * s]

@@ -83,10 +83,10 @@ def bench_evaluate_p17(work: Path, device, threads) -> dict:
 
 # LiteMedSAM inference choices timed by ``annotate_p01`` (their Dice: Testing/experiments/annotate_real.py)
 ANNOTATE_CHOICES = {
-    "crop 256": [],
-    "crop 128": ["input_size=128"],
-    "crop 128, stride 2": ["input_size=128", "stride=2"],
-    "slice 256": ["view=slice"],
+    "default (crop; tumour 128, liver 256)": [],
+    "crop 256": ["input_size=256"],
+    "crop 128, stride 2": ["stride=2"],
+    "slice 256": ["view=slice", "input_size=256"],
 }
 
 
@@ -139,7 +139,7 @@ def bench_annotate_p01(work: Path, device, threads) -> dict:
                     *[a for kv in sets for a in ("--set", kv)])
         reqs = [{"id": "warm-up", "input": str(ct), "boxes": [warm.to_json()], "out": str(work / "warm.nii.gz")},
                 {"id": "tumour", "input": str(ct), "boxes": [timed.to_json()], "out": str(work / "t.nii.gz")}]
-        if name == "crop 256":
+        if not sets:
             reqs.append({"id": "liver", "input": str(ct), "boxes": [liver.to_json()], "out": str(work / "l.nii.gz")})
         answers, peak = _serve(argv, _env(threads), reqs)
         row = {"tumour_box": answers[1], "peak_rss_mb": peak}

@@ -84,7 +84,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         key = (name, tuple(sorted(kwargs.items())))
         if key not in annotators:
-            annotators[key] = load_annotator(name, device="cpu", teacher=args.teacher, settings=settings,
+            spec = args.teacher if name == "trained" else name     # the trained teacher: its model folder
+            annotators[key] = load_annotator(spec, device="cpu", teacher=args.teacher, settings=settings,
                                              recipe_lookup=recipes.get,
                                              **(kwargs if name in ("litemedsam", "fused") else {}))
         ann = annotators[key]

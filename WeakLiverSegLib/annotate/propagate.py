@@ -20,7 +20,7 @@ from scipy import ndimage
 @dataclass
 class PropagationSettings:
     margin: float = 0.0          # prompt box grows by this fraction of its side (>= min_margin_px) per side
-    min_margin_px: int = 1       # (p01: 0 / 1 px 0.716 tumour Dice, 0 / 2 px 0.579, 0.15 / 3 px 0.487)
+    min_margin_px: int = 1       # (p01 tumours, 256 px, contrast rule on: 0 / 1 px 0.716, 0 / 2 px 0.579, 0.15 / 3 px 0.487)
     min_pixels: int = 4          # a slice mask smaller than this ends the object
     max_growth: float = 2.5      # ... and so does one more than this times the previous slice's area
     min_overlap: float = 0.3     # ... or one whose overlap with the previous slice's mask is below this

@@ -127,9 +127,12 @@ def test_one_2d_box_grows_into_the_neighbouring_slices_and_stops_where_the_objec
 
 
 def test_liver_and_tumour_boxes_compose_with_the_tumour_winning():
+    from WeakLiverSegLib.annotate import annotate
+
     vol, _ = cylinder_volume()
     boxes = [Box("tumor", (25, 25, 5), (30, 30, 6)), Box("liver", (10, 10, 2), (50, 50, 11))]
     lab = FillAnnotator().annotate(vol, boxes).labels.array
+    np.testing.assert_array_equal(annotate(vol, boxes, annotator="fill").array, lab)
     assert lab[5, 27, 27] == 2 and lab[2, 10, 10] == 1 and lab[0, 0, 0] == 0
     assert (lab == 2).sum() == 6 * 6 * 2
 

@@ -230,3 +230,9 @@ def refine_labels(image: Volume, labels: Volume, annotator, progress=None) -> Vo
         if progress is not None:
             progress.update("refine", n + 1, len(boxes))
     return labels.with_array(out)
+
+
+def annotate(image: Volume, boxes, annotator="litemedsam", device: str = "cpu", progress=None, **kwargs) -> Volume:
+    """One call: boxes on ``image`` -> label map (1 liver, 2 tumour) on the image's grid.
+    ``annotator`` and ``kwargs`` as ``load_annotator``; a warm worker keeps the annotator instead."""
+    return load_annotator(annotator, device=device, **kwargs).annotate(image, boxes, progress).labels

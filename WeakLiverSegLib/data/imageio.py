@@ -298,20 +298,14 @@ def write_image(volume: Volume, path, compress: bool = True) -> Path:
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
         raise InputError(f"{path}: unknown image file extension; use one of {', '.join(IMAGE_SUFFIXES)}")
     make_parent(path, "image")
-    tmp = _temp_name(path)
     itk = []
-    try:
+
+    def write(tmp):
         with itk_messages(itk):
             sitk.WriteImage(volume.to_sitk(), str(tmp), compress)
             _verify_image_file(tmp, volume)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except (RuntimeError, OSError) as exc:
-        raise InputError(f"{path}: cannot write image ({os_reason(exc)}{_itk_warnings(itk)}); "
-                         f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return _write_verified(path, "image", write, (RuntimeError, OSError), lambda: _itk_warnings(itk))
 
 
 def _verify_image_file(tmp: Path, volume: Volume) -> None:
@@ -426,18 +420,12 @@ def write_seg_nrrd(label_map: Volume, path, segments=None) -> Path:
         "segments": entries,
     }
     make_parent(path, "segmentation")
-    tmp = _temp_name(path)
-    try:
+
+    def write(tmp):
         slicerio.write_segmentation(str(tmp), segmentation, compression_level=6)
         _verify_seg_nrrd(tmp, voxels.shape)
-        fsync_file(tmp)
-        os.replace(tmp, path)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: cannot write segmentation ({os_reason(exc)}); "
-                         f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+
+    return _write_verified(path, "segmentation", write, (OSError, ValueError))
 
 
 def _verify_seg_nrrd(tmp: Path, shape) -> None:
@@ -542,6 +530,23 @@ def _is_dicom_seg(path) -> bool:
     from .dicom_seg import is_dicom_seg
 
     return is_dicom_seg(path)
+
+
+def _write_verified(path: Path, what: str, write, errors, extra=lambda: "") -> Path:
+    """``write(tmp)`` writes and checks a temp file beside ``path``, which is then fsynced and renamed
+    over ``path``; on ``errors`` an InputError names the path and the OS reason, the temp file is
+    removed and a previous file stays as it was."""
+    tmp = _temp_name(path)
+    try:
+        write(tmp)
+        fsync_file(tmp)
+        os.replace(tmp, path)
+    except errors as exc:
+        raise InputError(f"{path}: cannot write {what} ({os_reason(exc)}{extra()}); "
+                         f"{'the previous file is unchanged' if path.exists() else 'nothing was written'}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def _temp_name(path: Path) -> Path:

@@ -258,9 +258,22 @@ def cmd_train(args, progress):
     ds = Dataset.load(args.dataset).check()   # the one validation of a store, before any work
     recipe = recipes.get(args.recipe)
     device = select_device(args.device)
-    from ..learn.distributed import init_from_env, is_main, world_size
+    from ..learn.distributed import init_from_env, shutdown
 
     device = init_from_env(device)   # torchrun: join the process group (no-op otherwise)
+    try:
+        out = _train_in_group(args, progress, ds, recipe, device)
+    finally:
+        shutdown()                   # torchrun: leave the group on every way out
+    progress.done(model=str(out))
+    if progress.mode != "jsonl":
+        print(f"model written to {out}")
+
+
+def _train_in_group(args, progress, ds, recipe, device):
+    """cmd_train's work once this process is in its torchrun group (or alone)."""
+    from ..learn.distributed import is_main, world_size
+
     if world_size() > 1 and args.recipe not in DISTRIBUTED_RECIPES:
         raise InputError(f"--recipe {args.recipe}: does not train with torchrun yet (only "
                          f"{', '.join(DISTRIBUTED_RECIPES)}); run it as one process")
@@ -276,10 +289,7 @@ def cmd_train(args, progress):
     config["seed"] = args.seed
     if args.resume and args.init:
         raise InputError("--resume and --init cannot be combined: resume continues the run in --out")
-    out = recipe.train(ds, args.out, config, device, progress, init=args.init, resume=args.resume)
-    progress.done(model=str(out))
-    if progress.mode != "jsonl":
-        print(f"model written to {out}")
+    return recipe.train(ds, args.out, config, device, progress, init=args.init, resume=args.resume)
 
 
 def cmd_pseudo(args, progress):

@@ -55,6 +55,12 @@ def init_from_env(device: str) -> str:
     return device
 
 
+def shutdown() -> None:
+    """Leave the process group at the end of a torchrun process (a no-op otherwise)."""
+    if is_distributed():
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if is_distributed():
         torch.distributed.barrier()

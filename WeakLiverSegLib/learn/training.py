@@ -189,10 +189,17 @@ class Checkpointer:
 
     def save(self, stage: str, step: int, networks: dict, optimizers: dict | None = None,
              rng: np.random.Generator | None = None, extra: dict | None = None) -> Path:
-        from .distributed import is_main
+        from .distributed import barrier, is_main
 
+        fname = f"state-{stage}-{step:07d}.safetensors"
         if not is_main():   # torchrun: rank 0 alone writes (networks and RNG state are the same on every rank)
-            return self.folder / f"state-{stage}-{step:07d}.safetensors"
+            barrier()       # ... and no rank goes on (or stops) before the checkpoint is complete
+            return self.folder / fname
+        path = self._write(stage, step, fname, networks, optimizers, rng, extra)
+        barrier()
+        return path
+
+    def _write(self, stage, step, fname, networks, optimizers, rng, extra) -> Path:
         created = not self.folder.exists()
         make_parent(self.json_path, "checkpoint")
         tensors, opt_meta = {}, {}
@@ -205,7 +212,6 @@ class Checkpointer:
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             for n, state in enumerate(torch.cuda.get_rng_state_all()):
                 tensors[f"rng/cuda/{n}"] = state
-        fname = f"state-{stage}-{step:07d}.safetensors"
         try:
             write_safetensors(self.folder / fname, tensors, {"format": CHECKPOINT_FORMAT})
         except InputError as exc:

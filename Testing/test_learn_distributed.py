@@ -4,6 +4,7 @@ global batch matches a single process, rank 0 alone writes, and a DDP checkpoint
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,3 +106,25 @@ def test_ddp_two_processes_match_one_and_resume_in_one(tmp_path):
     assert (meta["stage"], meta["step"]) == ("teacher", 2) and not (part / "model.json").exists()
     resumed = o2l.train(store, part, dict(CFG), "cpu", Progress("none"), resume=True)
     _close(_curves(single), _curves(resumed))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_torchrun_command_trains_and_rank0_alone_reports(tmp_path):
+    """The command the README gives: torchrun (torch.distributed.run) on the CLI, 2 CPU processes."""
+    import subprocess
+    import sys
+
+    store = _store(tmp_path / "ds")
+    (tmp_path / "o2l.json").write_text(json.dumps(CFG))
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "WeakLiverSegLib", "train", "--dataset", str(store.root), "--recipe", "o2l",
+            "--out", str(tmp_path / "m"), "--config", str(tmp_path / "o2l.json"), "--device", "cpu",
+            "--progress", "jsonl"]
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    run = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    done = [json.loads(line) for line in run.stdout.splitlines() if '"event": "done"' in line]
+    assert len(done) == 1 and done[0]["model"] == str(tmp_path / "m")    # rank 0 alone reports
+    assert not (tmp_path / "m" / "checkpoint").exists()
+    assert len(_curves(tmp_path / "m")["student"]) == CFG["student"]["steps"]

@@ -258,9 +258,13 @@ def cmd_train(args, progress):
     ds = Dataset.load(args.dataset).check()   # the one validation of a store, before any work
     recipe = recipes.get(args.recipe)
     device = select_device(args.device)
-    from ..learn.distributed import init_from_env, shutdown
+    from ..learn.distributed import init_from_env, is_main, shutdown
 
     device = init_from_env(device)   # torchrun: join the process group (no-op otherwise)
+    if not is_main():
+        from .progress import Progress
+
+        progress = Progress("none")   # rank 0 alone reports
     try:
         out = _train_in_group(args, progress, ds, recipe, device)
     finally:
@@ -272,15 +276,11 @@ def cmd_train(args, progress):
 
 def _train_in_group(args, progress, ds, recipe, device):
     """cmd_train's work once this process is in its torchrun group (or alone)."""
-    from ..learn.distributed import is_main, world_size
+    from ..learn.distributed import world_size
 
     if world_size() > 1 and args.recipe not in DISTRIBUTED_RECIPES:
         raise InputError(f"--recipe {args.recipe}: does not train with torchrun yet (only "
                          f"{', '.join(DISTRIBUTED_RECIPES)}); run it as one process")
-    if not is_main():
-        from .progress import Progress
-
-        progress = Progress("none")   # rank 0 alone reports
     config = _load_config(args)
     if args.steps is not None:
         if args.steps < 1:

@@ -39,6 +39,25 @@ class SegmentResult:
     uncertainty: object = None
 
 
+class LazySegmentResult(SegmentResult):
+    """A ``SegmentResult`` whose probability and uncertainty maps are made on first use by
+    ``make_maps() -> (probabilities, uncertainty)``: a ``segment`` that writes only the labels never
+    resamples those float maps to the (512x512) input grid."""
+
+    def __init__(self, labels, make_maps):
+        self.labels = labels
+        self._make_maps = make_maps
+        self._maps = None
+
+    def _get(self, n: int):
+        if self._maps is None:
+            self._maps = tuple(self._make_maps())
+        return self._maps[n]
+
+    probabilities = property(lambda self: self._get(0))
+    uncertainty = property(lambda self: self._get(1))
+
+
 # ----------------------------------------------------------------------------- device
 
 

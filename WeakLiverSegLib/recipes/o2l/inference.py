@@ -11,9 +11,9 @@ from ...data.volume import Volume
 from ...errors import InputError
 from ...learn.networks.unet2d import fold_batchnorm
 from ...learn.postprocess import postprocess
-from ...learn.slices import (HU_WINDOW, N_CLASSES, box_maps, image_to_working, lesion_boxes_for_slices, slice_groups,
-                             split_boxes, to_input_grid)
-from ...learn.training import SegmentResult, check_cancelled, write_pseudo_store
+from ...learn.slices import (HU_WINDOW, N_CLASSES, box_maps, image_to_working, input_grid_labels, lesion_boxes_for_slices,
+                             slice_groups, split_boxes, to_input_grid)
+from ...learn.training import LazySegmentResult, SegmentResult, check_cancelled, write_pseudo_store
 
 
 def _device(device) -> torch.device:
@@ -62,13 +62,12 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def _to_input_grid(probs_w: np.ndarray, shape_zyx, do_postprocess=True, liver=False) -> tuple:
-    """Working-grid softmax -> (labels uint8, tumour probability, entropy[, liver probability]) on the input grid.
+def _input_grid_maps(probs_w: np.ndarray, shape_zyx, liver=False) -> tuple:
+    """Working-grid softmax -> (tumour probability, entropy[, liver probability]) float32 on the input grid.
 
     Resampled a few slices at a time so a 512x512 CT never holds all class maps at full size.
     """
     nz, ny, nx = shape_zyx
-    labels = np.empty(shape_zyx, np.uint8)
     tumour = np.empty(shape_zyx, np.float32)
     entropy = np.empty(shape_zyx, np.float32)
     fg = np.empty(shape_zyx, np.float32) if liver else None
@@ -77,15 +76,17 @@ def _to_input_grid(probs_w: np.ndarray, shape_zyx, do_postprocess=True, liver=Fa
         pw = torch.from_numpy(probs_w[z0:z0 + chunk])
         # entropy on the working grid (cheap), then resampled like the probabilities
         ent_w = -(pw * torch.log(pw.clamp_min(1e-8))).sum(dim=1, keepdim=True)
-        p = to_input_grid(torch.cat([pw, ent_w], dim=1), (ny, nx))
-        labels[z0:z0 + chunk] = p[:, :N_CLASSES].argmax(dim=1).to(torch.uint8).numpy()
-        tumour[z0:z0 + chunk] = p[:, 2].numpy()
-        entropy[z0:z0 + chunk] = p[:, N_CLASSES].numpy()
+        p = to_input_grid(torch.cat([pw[:, 1:], ent_w], dim=1), (ny, nx))
+        tumour[z0:z0 + chunk] = p[:, 1].numpy()
+        entropy[z0:z0 + chunk] = p[:, 2].numpy()
         if liver:
-            fg[z0:z0 + chunk] = (p[:, 1] + p[:, 2]).numpy()
-    if do_postprocess:
-        labels = postprocess(labels)
-    return (labels, tumour, entropy, fg) if liver else (labels, tumour, entropy)
+            fg[z0:z0 + chunk] = (p[:, 0] + p[:, 1]).numpy()
+    return (tumour, entropy, fg) if liver else (tumour, entropy)
+
+
+def _input_grid_labels(probs_w: np.ndarray, shape_zyx, do_postprocess=True) -> np.ndarray:
+    labels = input_grid_labels(probs_w, shape_zyx[1:])
+    return postprocess(labels) if do_postprocess else labels
 
 
 def _model_input(model_meta) -> dict:
@@ -151,8 +152,12 @@ def segment(model, images: dict, boxes=None, device="cpu", progress=None, use_te
     if use_teacher and not has_teacher:
         raise InputError(f"{model.path}: this model has no teacher network (it was trained without one)")
     probs = _working_probs(model, image, boxes, use_teacher, device, progress, batch)
-    labels, tumour, entropy = _to_input_grid(probs, image.array.shape, do_postprocess)
-    return SegmentResult(image.with_array(labels), image.with_array(tumour), image.with_array(entropy))
+    labels = _input_grid_labels(probs, image.array.shape, do_postprocess)
+
+    def maps():     # only when asked for (--probabilities / --uncertainty, fused annotators)
+        return [image.with_array(m) for m in _input_grid_maps(probs, image.array.shape)]
+
+    return LazySegmentResult(image.with_array(labels), maps)
 
 
 
@@ -207,7 +212,8 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
                 write_image(image.with_array(value.astype(np.float32)), Path(out_dir) / "pseudo" / f"{case.id}_{key}_prob.nii.gz")
             return image.with_array(labels)
         probs = _working_probs(model, image, [case.liver_box] + list(case.boxes), True, device, None)
-        labels, tumour, _, liver = _to_input_grid(probs, image.array.shape, True, liver=True)
+        labels = _input_grid_labels(probs, image.array.shape)
+        tumour, _, liver = _input_grid_maps(probs, image.array.shape, liver=True)
         write_image(image.with_array(tumour), Path(out_dir) / "pseudo" / f"{case.id}_tumor_prob.nii.gz")
         write_image(image.with_array(liver), Path(out_dir) / "pseudo" / f"{case.id}_liver_prob.nii.gz")
         return image.with_array(labels)

@@ -122,6 +122,18 @@ def test_folded_batchnorm_gives_the_same_outputs():
 # ----------------------------------------------------------------------------- localization branch
 
 
+
+def test_predict_volume_in_bfloat16_is_close_to_float32():
+    torch.manual_seed(0)
+    net = BoxAttentionUNet2D(channels=(4, 8, 16, 32), attention="o2l").eval()
+    image = np.random.default_rng(0).random((5, 40, 40), dtype=np.float32)
+    maps = box_maps(image.shape, (40, 40), Box("liver", (5, 5, 0), (30, 30, 4)), [Box("tumor", (10, 10, 1), (15, 15, 3))])
+    p32 = o2l.inference.predict_volume(net, image, maps, batch=2)
+    p16 = o2l.inference.predict_volume(net, image, maps, batch=2, dtype=torch.bfloat16)
+    assert p16.dtype == np.float32
+    np.testing.assert_allclose(p16.sum(1), 1, atol=1e-5)
+    assert np.abs(p16 - p32).max() < 0.05
+
 def test_localization_branch_only_when_asked_and_does_not_change_segmentation():
     torch.manual_seed(0)
     net = BoxAttentionUNet2D(channels=(4, 8, 8, 8), localization=True).eval()

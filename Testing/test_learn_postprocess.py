@@ -71,3 +71,17 @@ def test_largest_component_uses_full_connectivity():
     mask[0, 4, 0] = True
     out = largest_component(mask)
     assert out.sum() == 3 and not out[0, 4, 0]
+
+
+def test_fill_holes_equals_scipy_per_slice_then_3d():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(1)
+    masks = [rng.random((6, 30, 40)) < f for f in (0.3, 0.6, 0.8)]
+    masks.append(ndimage.binary_dilation(rng.random((8, 40, 40)) < 0.02, iterations=2))
+    for mask in masks:
+        expected = mask.copy()
+        for k in range(mask.shape[0]):
+            expected[k] = ndimage.binary_fill_holes(mask[k])
+        expected = ndimage.binary_fill_holes(expected)
+        np.testing.assert_array_equal(fill_holes(mask), expected)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from WeakLiverSegLib.errors import Cancelled, InputError
 from WeakLiverSegLib.app.progress import Progress
-from WeakLiverSegLib.learn.training import (Checkpointer, check_cancelled, lr_at, make_optimizer, scale_steps,
-                                            select_device, soft_cross_entropy)
+from WeakLiverSegLib.learn.training import (PRECISION_ENV, Checkpointer, LazySegmentResult, check_cancelled,
+                                            inference_dtype, lr_at, make_optimizer, scale_steps, select_device,
+                                            soft_cross_entropy)
 
 torch.set_num_threads(1)  # tiny tensors; the machine is shared
 
@@ -27,6 +28,26 @@ def test_select_device():
         with pytest.raises(InputError, match="not available"):
             select_device("cuda:1")
 
+
+
+def test_inference_dtype(monkeypatch):
+    monkeypatch.delenv(PRECISION_ENV, raising=False)
+    assert inference_dtype("cpu", "float32") == torch.float32
+    assert inference_dtype("cpu", "bfloat16") == torch.bfloat16
+    assert inference_dtype("cuda") == torch.float32          # auto: bfloat16 only on a CPU with AMX
+    assert inference_dtype("cpu") in (torch.float32, torch.bfloat16)
+    monkeypatch.setenv(PRECISION_ENV, "float32")             # segment --precision float32
+    assert inference_dtype("cpu") == torch.float32
+    assert inference_dtype("cpu", "bfloat16") == torch.bfloat16
+    with pytest.raises(InputError, match="--precision 'half'"):
+        inference_dtype("cpu", "half")
+
+
+def test_lazy_segment_result_makes_its_maps_once():
+    calls = []
+    res = LazySegmentResult("labels", lambda: calls.append(1) or ("p", "u"))
+    assert res.labels == "labels" and not calls
+    assert (res.probabilities, res.uncertainty, res.probabilities) == ("p", "u", "p") and calls == [1]
 
 def test_soft_cross_entropy_matches_hard_cross_entropy():
     torch.manual_seed(0)

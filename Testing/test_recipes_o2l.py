@@ -13,8 +13,9 @@ from WeakLiverSegLib.learn.modelstore import load_model, save_model
 from WeakLiverSegLib.learn.networks.unet2d import BoxAttention, BoxAttentionUNet2D, ScaleAttention, fold_batchnorm
 from WeakLiverSegLib.app.progress import Progress
 from WeakLiverSegLib.recipes import o2l
-from WeakLiverSegLib.learn.slices import (Sampler, box_maps, image_to_working, labels_to_working, lesion_boxes_for_slices,
-                                          loc_target, slice_groups, window, working_size)
+from WeakLiverSegLib.learn.slices import (Sampler, box_maps, image_to_working, input_grid_labels, labels_to_working,
+                                          lesion_boxes_for_slices, loc_target, resize_slices, slice_groups, window,
+                                          working_size)
 from WeakLiverSegLib.data.store import Dataset
 from WeakLiverSegLib.data.volume import Volume
 
@@ -121,6 +122,18 @@ def test_folded_batchnorm_gives_the_same_outputs():
 # ----------------------------------------------------------------------------- localization branch
 
 
+
+def test_predict_volume_in_bfloat16_is_close_to_float32():
+    torch.manual_seed(0)
+    net = BoxAttentionUNet2D(channels=(4, 8, 16, 32), attention="o2l").eval()
+    image = np.random.default_rng(0).random((5, 40, 40), dtype=np.float32)
+    maps = box_maps(image.shape, (40, 40), Box("liver", (5, 5, 0), (30, 30, 4)), [Box("tumor", (10, 10, 1), (15, 15, 3))])
+    p32 = o2l.inference.predict_volume(net, image, maps, batch=2)
+    p16 = o2l.inference.predict_volume(net, image, maps, batch=2, dtype=torch.bfloat16)
+    assert p16.dtype == np.float32
+    np.testing.assert_allclose(p16.sum(1), 1, atol=1e-5)
+    assert np.abs(p16 - p32).max() < 0.05
+
 def test_localization_branch_only_when_asked_and_does_not_change_segmentation():
     torch.manual_seed(0)
     net = BoxAttentionUNet2D(channels=(4, 8, 8, 8), localization=True).eval()
@@ -208,6 +221,22 @@ def test_window_groups_and_working_grid():
     np.testing.assert_array_equal(onehot.argmax(1), labels)
     np.testing.assert_allclose(labels_to_working(labels, (2, 2)).sum(1), 1, atol=1e-6)
 
+
+
+def test_input_grid_labels_are_the_argmax_of_the_resampled_probabilities():
+    rng = np.random.default_rng(3)
+    logits = torch.from_numpy(rng.normal(size=(20, 3, 9, 11)).astype(np.float32)) * 3
+    probs = torch.softmax(logits, dim=1).numpy()
+    probs[0, :, 0, 0] = [0.25, 0.25, 0.5]       # ties go to the lower class, like argmax
+    probs[0, :, 0, 1] = [0.4, 0.3, 0.3]
+    probs[0, :, 0, 2] = [0.2, 0.4, 0.4]
+    for size in ((9, 11), (40, 37)):
+        expected = resize_slices(torch.from_numpy(probs), size).argmax(dim=1).numpy()
+        got = input_grid_labels(probs, size)
+        assert got.dtype == np.uint8 and got.shape == (20,) + size
+        assert (got != expected).mean() < 1e-4       # only float rounding at near-ties may differ
+    np.testing.assert_array_equal(input_grid_labels(probs, (9, 11))[0, 0, :3], [2, 0, 1])
+    np.testing.assert_array_equal(image_to_working(np.full((3, 8, 8), 25.0), (1, 1), 2.0), 0.5)
 
 def test_sampler_batches_are_consistent():
     rng = np.random.default_rng(0)

@@ -39,18 +39,36 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return out
 
 
+_PLANAR = np.zeros((3, 3, 3), bool)     # 4-connectivity within each axial slice, none across slices
+_PLANAR[1] = ndimage.generate_binary_structure(2, 1)
+
+
+def _holes(mask: np.ndarray, structure, faces) -> np.ndarray:
+    """Background of ``mask`` not connected (by ``structure``) to the border ``faces``: what
+    ``ndimage.binary_fill_holes`` fills, found by one labelling instead of its slow iterated dilation."""
+    background, n = ndimage.label(~mask, structure)
+    if n == 0:
+        return np.zeros_like(mask)
+    open_ = np.zeros(n + 1, bool)
+    open_[0] = True                     # label 0: the mask itself
+    for face in faces:
+        open_[np.unique(background[face])] = True
+    return ~open_[background]
+
+
 def fill_holes(mask: np.ndarray) -> np.ndarray:
-    """Fill holes slice by slice (2D, axial) and then in 3D."""
+    """Fill holes slice by slice (2D, axial) and then in 3D (as ``binary_fill_holes`` with its
+    default 4- / 6-connectivity)."""
     mask = np.asarray(mask, dtype=bool)
     box = _bbox(mask)
     if box is None:
         return mask.copy()
     out = mask.copy()
     sub = out[box]
-    for k in range(sub.shape[0]):
-        if sub[k].any():
-            sub[k] = ndimage.binary_fill_holes(sub[k])
-    out[box] = ndimage.binary_fill_holes(sub)
+    every = slice(None)
+    in_plane = [(every, 0), (every, -1), (every, every, 0), (every, every, -1)]
+    sub |= _holes(sub, _PLANAR, in_plane)
+    sub |= _holes(sub, None, in_plane + [(0,), (-1,)])
     return out
 
 

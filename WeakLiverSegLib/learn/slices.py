@@ -59,11 +59,20 @@ def resize_slices(x: torch.Tensor, size, mode: str = "bilinear") -> torch.Tensor
     return out
 
 
+def _window_torch(array, hu_window) -> torch.Tensor:
+    """``window`` in torch (same float32 values; several times faster than ``np.clip`` on int16 CT)."""
+    lo, hi = (float(v) for v in hu_window)
+    return torch.from_numpy(np.asarray(array)).to(torch.float32).clamp_(lo, hi).sub_(lo).mul_(1.0 / (hi - lo))
+
+
 def image_to_working(array_zyx, spacing_xy, target_mm: float, hu_window=HU_WINDOW) -> np.ndarray:
-    """HU volume (z, y, x) -> windowed float32 (z, h, w) on the working grid."""
+    """HU volume (z, y, x) -> windowed float32 (z, h, w) on the working grid, a few slices at a time
+    (a full-size float copy of a 512x512 CT would be the largest array of ``segment``)."""
     size = working_size(array_zyx.shape[1:], spacing_xy, target_mm)
-    img = torch.from_numpy(window(array_zyx, hu_window))[:, None]
-    return resize_slices(img, size)[:, 0].numpy()
+    out = torch.empty((array_zyx.shape[0], 1) + size, dtype=torch.float32)
+    for z0 in range(0, array_zyx.shape[0], _CHUNK):
+        out[z0:z0 + _CHUNK] = resize_slices(_window_torch(array_zyx[z0:z0 + _CHUNK], hu_window)[:, None], size)
+    return out[:, 0].numpy()
 
 
 def labels_to_working(labels_zyx, size) -> np.ndarray:
@@ -82,6 +91,24 @@ def labels_to_working(labels_zyx, size) -> np.ndarray:
 def to_input_grid(probs: torch.Tensor, size) -> torch.Tensor:
     """Class probabilities (Z, C, h, w) on the working grid -> (Z, C, H, W) on the input grid."""
     return resize_slices(probs, size)
+
+
+def input_grid_labels(probs: np.ndarray, size) -> np.ndarray:
+    """Softmax (Z, 3, h, w) on the working grid -> uint8 labels (Z, H, W): the arg-max of the
+    bilinearly resampled probabilities (ties to the lower class, like ``argmax``).
+
+    Resampling is linear, so the two resampled differences p1 - p0 and p2 - p0 decide it: two
+    full-size channels instead of three, and two comparisons instead of a slow strided arg-max.
+    """
+    out = np.empty((probs.shape[0],) + tuple(int(s) for s in size), np.uint8)
+    for z0 in range(0, probs.shape[0], _CHUNK):
+        p = torch.from_numpy(probs[z0:z0 + _CHUNK])
+        d = resize_slices(p[:, 1:] - p[:, :1], size)
+        d1, d2 = d[:, 0], d[:, 1]
+        lab = (d1 > 0).to(torch.uint8)
+        lab.masked_fill_((d2 > 0) & (d2 > d1), 2)
+        out[z0:z0 + _CHUNK] = lab.numpy()
+    return out
 
 
 # ----------------------------------------------------------------------------- boxes

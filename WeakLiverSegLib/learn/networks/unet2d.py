@@ -166,10 +166,10 @@ class BoxAttentionUNet2D(nn.Module):
         for j, block in enumerate(self.encoder):
             f = block(f)
             if self.attn is not None:
-                b = boxes.to(f.dtype)
+                b = boxes.float()       # antialiased resizing has no bfloat16 kernel (inference_dtype)
                 if b.shape[-2:] != f.shape[-2:]:
                     b = F.interpolate(b, size=f.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
-                f = self.attn[j](f, b)
+                f = self.attn[j](f, b.to(f.dtype))
             skips.append(f)
         f = self.bottleneck(f)
         dec = []

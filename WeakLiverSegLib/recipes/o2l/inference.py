@@ -11,9 +11,9 @@ from ...data.volume import Volume
 from ...errors import InputError
 from ...learn.networks.unet2d import fold_batchnorm
 from ...learn.postprocess import postprocess
-from ...learn.slices import (HU_WINDOW, N_CLASSES, box_maps, image_to_working, lesion_boxes_for_slices, slice_groups,
-                             split_boxes, to_input_grid)
-from ...learn.training import SegmentResult, check_cancelled, write_pseudo_store
+from ...learn.slices import (HU_WINDOW, N_CLASSES, box_maps, image_to_working, input_grid_labels, lesion_boxes_for_slices,
+                             slice_groups, split_boxes, to_input_grid)
+from ...learn.training import LazySegmentResult, SegmentResult, check_cancelled, inference_dtype, write_pseudo_store
 
 
 def _device(device) -> torch.device:
@@ -22,8 +22,9 @@ def _device(device) -> torch.device:
 
 @torch.inference_mode()
 def predict_volume(net, image_w: np.ndarray, maps: np.ndarray | None = None, context: int = 1, batch: int = 8,
-                   device="cpu", progress=None, stage: str = "segment") -> np.ndarray:
-    """Softmax (z, 3, h, w) float32 of every three-slice group of a working-grid volume."""
+                   device="cpu", progress=None, stage: str = "segment", dtype=torch.float32) -> np.ndarray:
+    """Softmax (z, 3, h, w) float32 of every three-slice group of a working-grid volume; the network
+    runs in ``dtype`` (``learn.training.inference_dtype``; the softmax is float32 either way)."""
     dev = _device(device)
     net = fold_batchnorm(net).to(dev).to(memory_format=torch.channels_last)
     nz = image_w.shape[0]
@@ -35,7 +36,9 @@ def predict_volume(net, image_w: np.ndarray, maps: np.ndarray | None = None, con
         b = None
         if maps is not None and net.needs_boxes:
             b = torch.from_numpy(maps[centres].astype(np.float32)).to(dev)
-        out[centres] = torch.softmax(net(x, b).float(), dim=1).cpu().numpy()
+        with torch.autocast(dev.type, dtype=dtype, enabled=dtype != torch.float32):
+            logits = net(x, b)
+        out[centres] = torch.softmax(logits.float(), dim=1).cpu().numpy()
         if progress is not None:
             progress.update(stage, int(centres[-1]) + 1, nz)
     return out
@@ -62,13 +65,12 @@ def sharpen(probs: np.ndarray, temperature: float) -> np.ndarray:
     return p / p.sum(axis=1, keepdims=True)
 
 
-def _to_input_grid(probs_w: np.ndarray, shape_zyx, do_postprocess=True, liver=False) -> tuple:
-    """Working-grid softmax -> (labels uint8, tumour probability, entropy[, liver probability]) on the input grid.
+def _input_grid_maps(probs_w: np.ndarray, shape_zyx, liver=False) -> tuple:
+    """Working-grid softmax -> (tumour probability, entropy[, liver probability]) float32 on the input grid.
 
     Resampled a few slices at a time so a 512x512 CT never holds all class maps at full size.
     """
     nz, ny, nx = shape_zyx
-    labels = np.empty(shape_zyx, np.uint8)
     tumour = np.empty(shape_zyx, np.float32)
     entropy = np.empty(shape_zyx, np.float32)
     fg = np.empty(shape_zyx, np.float32) if liver else None
@@ -77,15 +79,17 @@ def _to_input_grid(probs_w: np.ndarray, shape_zyx, do_postprocess=True, liver=Fa
         pw = torch.from_numpy(probs_w[z0:z0 + chunk])
         # entropy on the working grid (cheap), then resampled like the probabilities
         ent_w = -(pw * torch.log(pw.clamp_min(1e-8))).sum(dim=1, keepdim=True)
-        p = to_input_grid(torch.cat([pw, ent_w], dim=1), (ny, nx))
-        labels[z0:z0 + chunk] = p[:, :N_CLASSES].argmax(dim=1).to(torch.uint8).numpy()
-        tumour[z0:z0 + chunk] = p[:, 2].numpy()
-        entropy[z0:z0 + chunk] = p[:, N_CLASSES].numpy()
+        p = to_input_grid(torch.cat([pw[:, 1:], ent_w], dim=1), (ny, nx))
+        tumour[z0:z0 + chunk] = p[:, 1].numpy()
+        entropy[z0:z0 + chunk] = p[:, 2].numpy()
         if liver:
-            fg[z0:z0 + chunk] = (p[:, 1] + p[:, 2]).numpy()
-    if do_postprocess:
-        labels = postprocess(labels)
-    return (labels, tumour, entropy, fg) if liver else (labels, tumour, entropy)
+            fg[z0:z0 + chunk] = (p[:, 0] + p[:, 1]).numpy()
+    return (tumour, entropy, fg) if liver else (tumour, entropy)
+
+
+def _input_grid_labels(probs_w: np.ndarray, shape_zyx, do_postprocess=True) -> np.ndarray:
+    labels = input_grid_labels(probs_w, shape_zyx[1:])
+    return postprocess(labels) if do_postprocess else labels
 
 
 def _model_input(model_meta) -> dict:
@@ -109,7 +113,8 @@ def _pick_image(images: dict, phases) -> Volume:
     raise InputError(f"--input: this model needs the phase {want!r}; got phases {sorted(map(str, images))}")
 
 
-def _working_probs(model, image: Volume, boxes, use_teacher: bool, device, progress, batch=None) -> np.ndarray:
+def _working_probs(model, image: Volume, boxes, use_teacher: bool, device, progress, batch=None,
+                   dtype=torch.float32) -> np.ndarray:
     """Softmax of the teacher (with boxes) or the student on the working grid of ``image``."""
     inp = _model_input(model.meta)
     net = model.networks["teacher" if use_teacher else "student"]
@@ -126,18 +131,19 @@ def _working_probs(model, image: Volume, boxes, use_teacher: bool, device, progr
             raise InputError("--boxes: the teacher needs a liver box (label 'liver') besides the tumour boxes")
         maps = box_maps(image.array.shape, work.shape[1:], liver, lesion_boxes_for_slices(tumors))
     probs = predict_volume(net, work, maps, inp["context"], batch or 8, device, progress,
-                           stage="teacher" if use_teacher else "segment")
+                           stage="teacher" if use_teacher else "segment", dtype=dtype)
     if use_teacher and model.meta.get("training", {}).get("config", {}).get("teacher", {}).get("box_constraint"):
         probs = constrain_to_boxes(probs, maps)
     return probs
 
 
 def segment(model, images: dict, boxes=None, device="cpu", progress=None, use_teacher=None,
-            do_postprocess: bool = True, batch: int | None = None) -> SegmentResult:
+            do_postprocess: bool = True, batch: int | None = None, precision: str | None = None) -> SegmentResult:
     """Segment one volume (``images``: phase -> Volume) with the student, or with the teacher when
     ``boxes`` are given (store ``Box`` list: a liver box and tumour boxes) and the model has one.
 
     ``use_teacher``: None = teacher iff boxes are given and the model has one; True / False to force.
+    ``precision``: the network's float type (``learn.training.inference_dtype``; None = auto).
     """
     inp = _model_input(model.meta)
     image = _pick_image(images, inp["phases"])
@@ -150,9 +156,13 @@ def segment(model, images: dict, boxes=None, device="cpu", progress=None, use_te
             progress.log("this model has no teacher: the boxes are ignored, the student segments")
     if use_teacher and not has_teacher:
         raise InputError(f"{model.path}: this model has no teacher network (it was trained without one)")
-    probs = _working_probs(model, image, boxes, use_teacher, device, progress, batch)
-    labels, tumour, entropy = _to_input_grid(probs, image.array.shape, do_postprocess)
-    return SegmentResult(image.with_array(labels), image.with_array(tumour), image.with_array(entropy))
+    probs = _working_probs(model, image, boxes, use_teacher, device, progress, batch, inference_dtype(_device(device), precision))
+    labels = _input_grid_labels(probs, image.array.shape, do_postprocess)
+
+    def maps():     # only when asked for (--probabilities / --uncertainty, fused annotators)
+        return [image.with_array(m) for m in _input_grid_maps(probs, image.array.shape)]
+
+    return LazySegmentResult(image.with_array(labels), maps)
 
 
 
@@ -161,6 +171,7 @@ def box_annotator(model, device="cpu"):
     """The pseudo-label annotator of the model's ``teacher.annotator`` (None for ``trained``, the paper's):
     LiteMedSAM (``teacher.annotator_model``, default the pretrained one) alone, or fused with the
     model's teacher (``annotate.annotators.FusedAnnotator``)."""
+    from functools import partial
     from types import SimpleNamespace
 
     from ...annotate.annotators import FusedAnnotator, LiteMedSAMAnnotator, TrainedAnnotator, load_annotator
@@ -175,7 +186,9 @@ def box_annotator(model, device="cpu"):
         raise InputError(f"teacher.annotator_model {spec!r}: not a LiteMedSAM model (recipe litemedsam)")
     if kind == "litemedsam":
         return sam
-    return FusedAnnotator(sam, TrainedAnnotator(model, SimpleNamespace(segment=segment), str(device)))
+    # float32 like the trained teacher's own pseudo-labels: training data must not depend on the CPU
+    teacher = SimpleNamespace(segment=partial(segment, precision="float32"))
+    return FusedAnnotator(sam, TrainedAnnotator(model, teacher, str(device)))
 
 
 def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
@@ -207,7 +220,8 @@ def pseudo(model, dataset, out_dir, device="cpu", progress=None) -> Path:
                 write_image(image.with_array(value.astype(np.float32)), Path(out_dir) / "pseudo" / f"{case.id}_{key}_prob.nii.gz")
             return image.with_array(labels)
         probs = _working_probs(model, image, [case.liver_box] + list(case.boxes), True, device, None)
-        labels, tumour, _, liver = _to_input_grid(probs, image.array.shape, True, liver=True)
+        labels = _input_grid_labels(probs, image.array.shape)
+        tumour, _, liver = _input_grid_maps(probs, image.array.shape, liver=True)
         write_image(image.with_array(tumour), Path(out_dir) / "pseudo" / f"{case.id}_tumor_prob.nii.gz")
         write_image(image.with_array(liver), Path(out_dir) / "pseudo" / f"{case.id}_liver_prob.nii.gz")
         return image.with_array(labels)

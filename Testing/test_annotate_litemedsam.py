@@ -292,3 +292,15 @@ def test_refine_redraws_each_found_object_from_its_box(model):
     refined = refine_labels(vol, vol.with_array(rough), ann).array
     assert dice(refined == 2, truth) > dice(rough == 2, truth) + 0.05
     assert dice(refined == 2, truth) >= 0.9
+
+
+def test_the_view_is_the_whole_slice_unless_the_model_or_the_user_says_otherwise(model):
+    from dataclasses import replace as dc_replace
+
+    from WeakLiverSegLib.annotate.annotators import LiteMedSAMAnnotator
+    from WeakLiverSegLib.annotate.propagate import PropagationSettings
+
+    assert LiteMedSAMAnnotator(model).settings.view == "slice"
+    crop_tuned = dc_replace(model, meta={**model.meta, "input": {**model.meta["input"], "view": "crop"}})
+    assert LiteMedSAMAnnotator(crop_tuned).settings.view == "crop"                 # fine-tuned on crops
+    assert LiteMedSAMAnnotator(crop_tuned, settings=PropagationSettings(view="slice")).settings.view == "slice"

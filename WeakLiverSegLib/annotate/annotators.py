@@ -8,7 +8,7 @@ the image's own grid, and refuses a box whose object comes back empty (naming th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +87,8 @@ class LiteMedSAMAnnotator:
         self.predictor = SlicePredictor(net, device=device, window=win, input_size=self.input_size,
                                         batch_size=batch_size)
         self.settings = settings or PropagationSettings()
+        if self.settings.view is None:   # the view the model was fine-tuned on, else the whole slice
+            self.settings = replace(self.settings, view=model.meta.get("input", {}).get("view") or "slice")
         self.settings.check()
         self.probabilities = None   # set by annotate(keep_probabilities=True): float16 (z, y, x)
 

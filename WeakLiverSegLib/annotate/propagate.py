@@ -28,19 +28,24 @@ class PropagationSettings:
                                  # a 3-pixel ring) falls below this fraction of the first slice's (0: off).
                                  # 2D boxes only: a 3D box bounds the object itself, and on p01's 3D boxes the
                                  # rule stopped real tumours early (tumour Dice 0.716 with it, 0.838 without)
-    view: str = "crop"           # "crop": encode a square around the box; "slice": the whole slice
+    # What the model sees. None = the model's own view (a fine-tuned model's training view), else
+    # "slice": the whole slice at 256 px, as LiteMedSAM was trained; every box on a slice shares its
+    # embedding. "crop": a square around the box, faster for one small box but worse (p01, tight
+    # 3D boxes, tumour Dice: slice 256 0.918; crop 128 0.880 at 1/5 of the seconds; crop 256 0.838;
+    # crop 256 px scaled to 128 0.672; 2D boxes: slice 0.829, crop 256 0.804, crop 128 0.565;
+    # liver: slice and crop 256 0.960, crop 128 0.918).
+    view: str | None = None
     crop_context: float = 0.5    # crop side = box side * (1 + 2 * crop_context), at least crop_min_px
     crop_min_px: int = 64
     stride: int = 1              # prompt every stride-th slice, interpolate between
-    input_size_tumor: int = 128  # side of the model input a view is scaled to (p01, 3D tumour boxes, crop view:
-    input_size_liver: int = 256  # tumour Dice 0.880 at 128 vs 0.838 at 256; liver 0.918 at 128 vs 0.960 at 256)
-    input_size_flat: int = 256   # any 2D box (its view is grown around the box): p01 tumours from one 2D
-                                 # box each, 3D Dice 0.804 at 256 vs 0.565 at 128
+    input_size_tumor: int = 256  # side of the model input a view is scaled to, for 3D tumour boxes
+    input_size_liver: int = 256  # ... for the liver box
+    input_size_flat: int = 256   # ... for any 2D box (a crop view is grown around it)
 
     def check(self, where: str = "propagation") -> None:
         from ..errors import InputError
 
-        if self.view not in ("crop", "slice"):
+        if self.view not in (None, "crop", "slice"):
             raise InputError(f"{where}.view: {self.view!r} is not one of crop, slice")
         if not (isinstance(self.stride, int) and self.stride >= 1):
             raise InputError(f"{where}.stride: expected an integer >= 1, got {self.stride!r}")
@@ -110,7 +115,7 @@ class Propagator:
         zlo, zhi = (0, nz - 1) if flat else (k0, k1)
         size = self.input_size or (s.input_size_flat if flat else
                                    s.input_size_tumor if box.label == "tumor" else s.input_size_liver)
-        if s.view == "slice":
+        if (s.view or "slice") == "slice":
             view = (0, 0, ny, nx, size)
         else:
             grow = _grow(user, 0.5, 8, (0, 0, ny - 1, nx - 1)) if flat else user

@@ -505,7 +505,7 @@ def annotator_settings(values: dict) -> tuple:
                 raise InputError(f"{where}: expected a positive integer{' (a multiple of 16)' if key == 'input_size' else ''}")
             kwargs[key] = value
         elif hasattr(defaults, key):
-            want = type(getattr(defaults, key))
+            want = str if key == "view" else type(getattr(defaults, key))   # view's default is None
             if want is float and isinstance(value, int):
                 value = float(value)
             if not isinstance(value, want) or isinstance(value, bool):

@@ -21,7 +21,8 @@ DEFAULTS = {
     "hu_window": None,           # [low, high] HU; None = the --init model's (the pretrained one: -160..240)
     "input_size": None,          # model input side (multiple of 16); None = the network's 256
     "objects": ["liver", "tumor"],
-    "view": "crop",              # crop: a square around the object's 3D box (as the annotator); slice: whole slice
+    "view": "slice",             # slice: the whole slice (the annotator's default); crop: a square around the
+                                 # object's 3D box. Recorded in model.json: the annotator then uses it
     "crop_context": 0.5,         # as annotate.propagate.PropagationSettings
     "crop_min_px": 64,
     "min_pixels": 4,             # slice objects smaller than this are not trained on

@@ -298,7 +298,7 @@ def train(dataset, out, config, device="cpu", progress=None, init=None, resume=F
         "software": f"weakliverseg {__version__}",
         "labels": dict(LABELS),
         "input": {"phases": [phase], "inference_phases": [phase], "hu_window": window, "image_size": net.image_size,
-                  "input_size": input_size},
+                  "input_size": input_size, "view": cfg["view"]},
         "source": init_model.meta.get("source"),
         "training": {
             "fine_tuned": True,

@@ -29,7 +29,6 @@ def test_select_device():
             select_device("cuda:1")
 
 
-
 def test_inference_dtype(monkeypatch):
     monkeypatch.delenv(PRECISION_ENV, raising=False)
     assert inference_dtype("cpu", "float32") == torch.float32

@@ -304,3 +304,28 @@ def test_the_view_is_the_whole_slice_unless_the_model_or_the_user_says_otherwise
     crop_tuned = dc_replace(model, meta={**model.meta, "input": {**model.meta["input"], "view": "crop"}})
     assert LiteMedSAMAnnotator(crop_tuned).settings.view == "crop"                 # fine-tuned on crops
     assert LiteMedSAMAnnotator(crop_tuned, settings=PropagationSettings(view="slice")).settings.view == "slice"
+
+
+def test_a_3d_box_keeps_its_object_inside_it_unless_told_otherwise():
+    from WeakLiverSegLib.annotate.propagate import PropagationSettings, Propagator
+
+    class Spill:          # a stand-in model whose mask fills the whole view: past any box
+        window, batch_size, encoded = (-160.0, 240.0), 4, 0
+
+        def set_image(self, array, key=None):
+            pass
+
+        def cached(self, k, view):
+            return True
+
+        def predict(self, k, view, box):
+            mask = np.ones(view[2:4], dtype=bool)
+            return mask, None, mask.astype(np.float32)
+
+    array = np.zeros((6, 40, 40), np.int16)
+    box = Box("tumor", (10, 12, 1), (20, 25, 4))
+    inside = box_mask(array.shape, [box])
+    clipped = Propagator(Spill(), PropagationSettings(view="slice", max_growth=1e9)).segment(array, box)
+    assert clipped[1:5].any() and not (clipped & ~inside).any()
+    free = Propagator(Spill(), PropagationSettings(view="slice", max_growth=1e9, clip_to_box=False)).segment(array, box)
+    assert (free & ~inside).any() and free[1:5].all()          # the stand-in's whole slices, kept

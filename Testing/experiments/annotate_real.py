@@ -79,8 +79,13 @@ def main(argv=None):
         if "batch" in opts:
             kwargs["batch_size"] = int(opts.pop("batch"))
         defaults = PropagationSettings()
-        settings = PropagationSettings(**{k: v if isinstance(getattr(defaults, k), str) else type(getattr(defaults, k))(v)
-                                          for k, v in opts.items()})
+        def value(k, v):
+            d = getattr(defaults, k)
+            if d is None or isinstance(d, str):
+                return v
+            return v.lower() in ("1", "true", "yes") if isinstance(d, bool) else type(d)(v)
+
+        settings = PropagationSettings(**{k: value(k, v) for k, v in opts.items()})
         t0 = time.perf_counter()
         key = (name, tuple(sorted(kwargs.items())))
         if key not in annotators:

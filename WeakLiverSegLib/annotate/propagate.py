@@ -38,6 +38,8 @@ class PropagationSettings:
     crop_context: float = 0.5    # crop side = box side * (1 + 2 * crop_context), at least crop_min_px
     crop_min_px: int = 64
     stride: int = 1              # prompt every stride-th slice, interpolate between
+    clip_to_box: bool = True     # a 3D box bounds its object in-plane too: nothing is kept outside it
+                                 # (a guarantee; on p01 LiteMedSAM stayed inside anyway: 0.918 / 0.911 either way)
     input_size_tumor: int = 256  # side of the model input a view is scaled to, for 3D tumour boxes
     input_size_liver: int = 256  # ... for the liver box
     input_size_flat: int = 256   # ... for any 2D box (a crop view is grown around it)
@@ -122,6 +124,7 @@ class Propagator:
             view = square_view(grow, s.crop_context, s.crop_min_px, (ny, nx)) + (size,)
         out = np.zeros(array_zyx.shape, dtype=bool)
         self._prob_out = prob_out
+        self._clip = user if (s.clip_to_box and not flat) else None
         start = (k0 + k1) // 2
         self.predictor.set_image(array_zyx, key=image_key)
         first = self._predict(start, view, user, (ny, nx))
@@ -140,6 +143,11 @@ class Propagator:
         mask, _, prob = self.predictor.predict(k, view, box)
         full = np.zeros(shape, dtype=bool)
         full[r0 : r0 + h, c0 : c0 + w] = mask
+        if self._clip is not None:
+            b0, a0, b1, a1 = self._clip
+            inside = np.zeros(shape, dtype=bool)
+            inside[b0 : b1 + 1, a0 : a1 + 1] = True
+            full &= inside
         if self._prob_out is not None:
             sub = self._prob_out[k, r0 : r0 + h, c0 : c0 + w]
             np.maximum(sub, prob.astype(sub.dtype), out=sub)

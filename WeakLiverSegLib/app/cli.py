@@ -508,7 +508,7 @@ def annotator_settings(values: dict) -> tuple:
             want = str if key == "view" else type(getattr(defaults, key))   # view's default is None
             if want is float and isinstance(value, int):
                 value = float(value)
-            if not isinstance(value, want) or isinstance(value, bool):
+            if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
                 raise InputError(f"{where}: expected a {want.__name__}, got {value!r}")
             fields[key] = value
         else:

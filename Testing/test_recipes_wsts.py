@@ -166,6 +166,87 @@ def test_detector_updates_per_environment_step():
         wsts.resolve_config({"detector": {"updates": 0}})
 
 
+def test_greedy_expert_reaches_the_tumour_and_each_move_lowers_the_distance():
+    """The expert that the warm start clones: every move decreases Eq. 11's d (so earns a reward) until the
+    box sits on the target; from the fixed start it reaches the tumour within an episode."""
+    env = R.BoxEnv(size=32, init_box=3, translate=0.75, scale=0.5, episode_steps=35)
+    target = np.array([[22.0, 9.0, 8.0, 6.0]], np.float32)
+    box = env.starts(1)
+    for _ in range(env.episode_steps):
+        a = R.oracle_actions(box, target, env)
+        assert np.all(np.abs(a) <= 1)
+        new = env.step(box, a)
+        assert R.vertex_distance(new, target)[0] <= R.vertex_distance(box, target)[0] + 1e-5
+        box = new
+    assert R.iou(box, target)[0] > 0.95
+    # on target the expert stands still
+    assert np.allclose(R.oracle_actions(target, target, env), 0)
+
+
+def test_warm_start_clones_the_expert_then_hands_over_to_sac():
+    """The ``warm_start`` share of the rounds: the episodes follow the expert (all its moves at round 0), the policy learns by
+    cloning it and its loss falls; afterwards the updates are SAC's again (no cloning term at ``expert`` 0, the
+    paper's objective; a cloning term beside SAC's at ``expert`` > 0)."""
+    from WeakLiverSegLib.recipes import wsts
+
+    rng = np.random.default_rng(0)
+    targets = np.array([[5.0, 5.0, 4.0, 4.0], [11.0, 4.0, 3.0, 5.0], [8.0, 12.0, 5.0, 3.0], [4.0, 11.0, 4.0, 4.0]],
+                       np.float32)
+    bright = R.attention_maps(targets, 16, 16)                 # the tumour: a bright square inside its box
+    images = {p: (0.2 * rng.random((4, 16, 16)) + c * bright).astype(np.float32)
+              for p, c in (("enhanced", 1.0), ("plain", 0.5))}
+    cfg = wsts.resolve_config({"detector": {**TINY["detector"], "steps": 400, "warm_start": 0.5, "expert": 0.0,
+                                            "memory": 2000, "random_starts": 0.5, "batch": 32, "width": 8,
+                                            "features": 32}})
+    torch.manual_seed(0)
+    det = wsts.make_detector(cfg, images, targets, np.random.default_rng(0), "cpu", "enhanced", "plain")
+    det._envs = det._reset(det.n_envs)
+    boxes = det._envs["boxes"][0].copy()
+    det.env_step(0)                                   # round 0: every move is the expert's
+    expert = R.oracle_actions(boxes, targets[det._envs["slice"]], det.env)
+    assert np.allclose(det.memory[0].action[:det.n_envs].numpy(), expert)
+    probe = det._exploring_starts(np.repeat(np.arange(4), 16))[0]          # 64 fixed states to judge the cloning by
+    probe_sl = torch.from_numpy(np.repeat(np.arange(4), 16))
+
+    def cloning_error(role):
+        rac = (det.teacher if role == "teacher" else det.student)[0]
+        img = det.images["enhanced" if role == "teacher" else "plain"]
+        with torch.no_grad():
+            state, vec = R.render_states(img, probe_sl, torch.from_numpy(probe))
+            expert = torch.from_numpy(R.oracle_actions(probe, targets[probe_sl.numpy()], det.env))
+            return float(R.expert_loss(rac.pi, rac.encoder(state, vec), expert))
+
+    before = [cloning_error("teacher"), cloning_error("student")]
+    for step in range(1, 200):
+        det.env_step(step)
+        logs = det.update(step)
+        if logs:
+            assert "t_expert" in logs and "s_expert" in logs and "t_bc" not in logs
+    after_warm = [cloning_error("teacher"), cloning_error("student")]
+    assert after_warm[0] < 0.7 * before[0] and after_warm[1] < 0.8 * before[1], (before, after_warm)
+    after = det.update(200)
+    assert "t_expert" not in after and "s_bc" in after                       # SAC again: the paper's objective
+    det.s.expert = 0.5
+    assert "t_expert" in det.update(201)
+    assert det.warm_start == 200                                              # a share of the stage's rounds
+    for bad in (-0.1, 1.5):
+        with pytest.raises(InputError, match="warm_start"):
+            wsts.resolve_config({"detector": {"warm_start": bad}})
+
+
+def test_agent_encoder_keeps_a_finer_map_and_records_it():
+    """``strided`` / ``pool``: fewer stride-2 convolutions leave a finer map; the saved policy's arguments carry
+    them, so the model store rebuilds the same network."""
+    rac = R.RAC(width=4, features=8, strided=2, pool=8)
+    kwargs = rac.policy_kwargs()
+    assert kwargs["strided"] == 2 and kwargs["pool"] == 8
+    state = torch.zeros(3, R.STATE_CHANNELS, 32, 32)
+    assert rac.encoder.conv[:-2](state).shape[-1] == 8             # 32 px, two stride-2 convolutions
+    rebuilt = R.PolicyNet(**kwargs)
+    rebuilt.load_state_dict(rac.pi.state_dict())                    # same shapes
+    assert rebuilt(state, torch.zeros(3, 4))[0].shape == (3, R.ACTION_DIM)
+
+
 def test_replay_memory_ring_and_policy_rollout():
     rng = np.random.default_rng(1)
     mem = R.ReplayMemory(5)

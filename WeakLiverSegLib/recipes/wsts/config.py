@@ -52,7 +52,12 @@ DEFAULTS = {
         "zeta": 0.9,               # the paper: 0.99; 0.9 propagates values faster in a short run
         "tau": 0.01, "kl_clip": 5.0,
         "imitation": 1.0,          # SDDRL behaviour-cloning weight (0 = pure SAC on the teacher's transitions)
+        "warm_start": 0.7,         # share of the rounds spent cloning the greedy expert (rl_boxes.oracle_actions) before
+                                   # SAC takes over; 0 = the paper (SAC from the start: test IoU ~3-7 %, see
+                                   # docs/results/wsts_detectors.md)
+        "expert": 1.0,             # weight of the expert's action in the SAC policy loss after the warm start; 0 = the paper
         "width": 16, "features": 128,
+        "strided": 4, "pool": 4,   # the agents' CNN: stride-2 convolutions (of 4) and the pooled map's side
     },
     "usse": {
         "steps": 600, "batch": 8, "lr": 1e-3, "lr_decay": 0.8, "lr_decays": 10,
@@ -112,10 +117,15 @@ def _check_config(cfg: dict) -> None:
         raise InputError(f"{where}: detector.agents must be 1 or 2, got {d['agents']!r}")
     for key in ("size", "episode_steps", "envs", "batch", "memory", "width", "features", "px_reference", "updates"):
         positive(f"detector.{key}", d[key], integer=True)
+    if not (isinstance(d["warm_start"], (int, float)) and 0 <= d["warm_start"] <= 1):
+        raise InputError(f"{where}: detector.warm_start must be a share of the rounds in [0, 1], got {d['warm_start']!r}")
+    positive("detector.pool", d["pool"], integer=True)
+    if d["strided"] not in range(5):
+        raise InputError(f"{where}: detector.strided must be 0 to 4 (of the 4 convolutions), got {d['strided']!r}")
     for key in ("init_box_px", "translate_px", "scale_px", "reward_scale", "lr", "student_lr", "alpha", "alpha_lr",
                 "zeta", "tau", "kl_clip"):
         positive(f"detector.{key}", d[key])
-    for key in ("relative_entropy", "imitation"):
+    for key in ("relative_entropy", "imitation", "expert"):
         positive(f"detector.{key}", d[key], zero=True)
     if d["memory"] < d["batch"]:
         raise InputError(f"{where}: detector.memory ({d['memory']}) must hold at least one batch ({d['batch']})")

@@ -44,14 +44,16 @@ def rl_slices(cases, phases, size: int) -> tuple:
 def make_detector(cfg, rl_images, targets, rng, device, act_phase, imitate_phase) -> DetectorTrainer:
     d = cfg["detector"]
     settings = SACSettings(zeta=d["zeta"], tau=d["tau"], relative_entropy=float(d["relative_entropy"]),
-                           kl_clip=d["kl_clip"], auto_alpha=bool(d["auto_alpha"]))
+                           kl_clip=d["kl_clip"], auto_alpha=bool(d["auto_alpha"]), expert=float(d["expert"]))
     student = SACSettings(zeta=d["zeta"], tau=d["tau"], relative_entropy=float(d["relative_entropy"]),
-                          kl_clip=d["kl_clip"], auto_alpha=bool(d["auto_alpha"]), imitation=float(d["imitation"]))
+                          kl_clip=d["kl_clip"], auto_alpha=bool(d["auto_alpha"]), imitation=float(d["imitation"]),
+                          expert=float(d["expert"]))
     return DetectorTrainer(rl_images, targets, box_env(cfg), d["agents"], settings, rng, act_phase, imitate_phase,
                            lr=d["lr"], student_lr=d["student_lr"], memory=d["memory"], batch=d["batch"],
                            n_envs=d["envs"], width=d["width"], features=d["features"], alpha=d["alpha"],
                            alpha_lr=d["alpha_lr"], device=device, student_settings=student, updates=d["updates"],
-                           random_starts=d["random_starts"])
+                           random_starts=d["random_starts"], warm_start=int(round(d["warm_start"] * d["steps"])),
+                           strided=d["strided"], pool=d["pool"])
 
 
 def detector_round(detector: DetectorTrainer, cfg: dict, step: int, total: int) -> dict:
@@ -59,7 +61,7 @@ def detector_round(detector: DetectorTrainer, cfg: dict, step: int, total: int) 
     d = cfg["detector"]
     decay = 0.8 ** min(9, int(step / max(total, 1) * 10))
     detector.set_lr(max(1e-6, d["lr"] * decay), max(1e-6, d["student_lr"] * decay))
-    reward = detector.env_step()
+    reward = detector.env_step(step)
     logs = detector.update(step)
     logs["reward"] = reward
     return logs

@@ -156,6 +156,16 @@ def box_recall(boxes, targets) -> np.ndarray:
     return np.where(area > 0, iw * ih / np.maximum(area, 1e-12), 0.0).astype(np.float32)
 
 
+def oracle_actions(boxes, targets, env: BoxEnv) -> np.ndarray:
+    """The greedy expert: per box, the action in [-1, 1]^4 that moves its centre and sides as far
+    towards the target box as one step allows (the largest one-step decrease of Eq. 11's d).
+
+    Needs the target box, so it exists only on training slices -- where the reward does too."""
+    b, t = np.asarray(boxes, np.float32), np.asarray(targets, np.float32)
+    a = np.concatenate([(t[..., 0:2] - b[..., 0:2]) / env.translate, (t[..., 2:4] - b[..., 2:4]) / env.scale], axis=-1)
+    return np.clip(a, -1.0, 1.0).astype(np.float32)
+
+
 def union_boxes(boxes: np.ndarray) -> np.ndarray:
     """(n_agents, N, 4) -> (N, 4): the smallest box holding every agent's box (the DDRL fusion)."""
     c = corners(boxes)
@@ -190,21 +200,26 @@ def jitter_boxes(boxes: np.ndarray, rng: np.random.Generator, shift: float, scal
 
 
 class StateEncoder(nn.Module):
-    """Small CNN on the 2-channel state (slice, attention map) + the 4 box numbers -> features.
+    """Small CNN on the state channels + the 4 box numbers -> features.
 
-    Four stride-2 convolutions, adaptive pooling to 4 x 4 (keeps where things are), one fully
-    connected layer.  Stands in for the paper's ResNet-18 on a CPU budget.
+    Four 3x3 convolutions, the first ``strided`` of them with stride 2, adaptive average pooling to
+    ``pool`` x ``pool`` (keeps where things are), one fully connected layer.  Stands in for the paper's
+    ResNet-18 on a CPU budget.  The defaults (4, 4) leave a 32-pixel grid a 2 x 2 map before pooling:
+    one cell per quarter of the view, too coarse to place a box of a few pixels (see ``rl_boxes``'s
+    docstring and docs/results/wsts_detectors.md for the measured effect of (2, 8)).
     """
 
-    def __init__(self, in_channels: int = STATE_CHANNELS, width: int = 16, features: int = 128):
+    def __init__(self, in_channels: int = STATE_CHANNELS, width: int = 16, features: int = 128, strided: int = 4,
+                 pool: int = 4):
         super().__init__()
         chans = [in_channels, width, 2 * width, 2 * width, 2 * width]
         layers = []
-        for a, b in zip(chans[:-1], chans[1:]):
-            layers += [nn.Conv2d(a, b, 3, stride=2, padding=1), nn.ReLU(inplace=True)]
-        self.conv = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
-        self.fc = nn.Sequential(nn.Linear(chans[-1] * 16 + 4, features), nn.ReLU(inplace=True))
+        for n, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(a, b, 3, stride=2 if n < strided else 1, padding=1), nn.ReLU(inplace=True)]
+        self.conv = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(pool), nn.Flatten())
+        self.fc = nn.Sequential(nn.Linear(chans[-1] * pool * pool + 4, features), nn.ReLU(inplace=True))
         self.out_features = features
+        self.strided, self.pool = int(strided), int(pool)
 
     def forward(self, state: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.cat([self.conv(state), box], dim=1))
@@ -218,9 +233,10 @@ class PolicyNet(nn.Module):
     is self-contained for inference.
     """
 
-    def __init__(self, in_channels: int = STATE_CHANNELS, width: int = 16, features: int = 128, action_dim: int = ACTION_DIM):
+    def __init__(self, in_channels: int = STATE_CHANNELS, width: int = 16, features: int = 128, action_dim: int = ACTION_DIM,
+                 strided: int = 4, pool: int = 4):
         super().__init__()
-        self.encoder = StateEncoder(in_channels, width, features)
+        self.encoder = StateEncoder(in_channels, width, features, strided, pool)
         self.head = nn.Sequential(nn.Linear(features, features), nn.ReLU(inplace=True), nn.Linear(features, 2 * action_dim))
         self.action_dim = action_dim
 
@@ -296,12 +312,12 @@ class RAC(nn.Module):
     detached features (as in SAC from pixels, SAC-AE / DrQ): a third of the convolutions.
     """
 
-    def __init__(self, width: int = 16, features: int = 128, alpha: float = 1.0):
+    def __init__(self, width: int = 16, features: int = 128, alpha: float = 1.0, strided: int = 4, pool: int = 4):
         super().__init__()
-        self.pi = PolicyNet(STATE_CHANNELS, width, features)
+        self.pi = PolicyNet(STATE_CHANNELS, width, features, strided=strided, pool=pool)
         self.q = QHead(features)
         self.v = nn.Linear(features, 1)
-        self.v_target = VNet(StateEncoder(STATE_CHANNELS, width, features), features)
+        self.v_target = VNet(StateEncoder(STATE_CHANNELS, width, features, strided, pool), features)
         self.v_target.encoder.load_state_dict(self.pi.encoder.state_dict())
         self.v_target.head.load_state_dict(self.v.state_dict())
         self.v_target.requires_grad_(False)
@@ -318,7 +334,7 @@ class RAC(nn.Module):
     def policy_kwargs(self) -> dict:
         enc = self.pi.encoder
         return {"in_channels": STATE_CHANNELS, "width": enc.conv[0].out_channels, "features": enc.out_features,
-                "action_dim": self.pi.action_dim}
+                "action_dim": self.pi.action_dim, "strided": enc.strided, "pool": enc.pool}
 
     def make_optimizers(self, lr: float, alpha_lr: float | None = None) -> dict:
         critic = list(self.pi.encoder.parameters()) + list(self.q.parameters()) + list(self.v.parameters())
@@ -412,6 +428,7 @@ class SACSettings:
     target_entropy: float = -float(ACTION_DIM)
     imitation: float = 0.0             # behaviour cloning of the memory's actions (the student)
     actor_grad: bool = False           # let the policy loss train the shared encoder too
+    expert: float = 0.0                # weight of the greedy expert's action in the policy loss (0 = the paper)
 
 
 def _frozen(module: nn.Module):
@@ -434,11 +451,23 @@ def soft_bonus(logp: torch.Tensor, logp_other: torch.Tensor | None, alpha, s: SA
     return bonus
 
 
+def expert_loss(pi: PolicyNet, feats: torch.Tensor, expert: torch.Tensor) -> torch.Tensor:
+    """Behaviour cloning of the greedy expert: squared error of the policy's mean action (tanh of the mean).
+
+    Not the log-likelihood: the expert's actions are often at the +-1 limits, where a tanh-Gaussian's
+    density is unbounded and its log-likelihood drives the mean to infinity."""
+    mean, _ = pi.dist(feats)
+    return (torch.tanh(mean) - expert).pow(2).sum(dim=1).mean()
+
+
 def rac_update(agent: RAC, opts: dict, batch: dict, images: torch.Tensor, s: SACSettings,
-               other: RAC | None = None) -> dict:
+               other: RAC | None = None, expert: torch.Tensor | None = None, warm: bool = False) -> dict:
     """One gradient step of the critic (V, Q), the policy and the temperature of ``agent`` (Eq. 13-17).
 
-    ``other`` (frozen) provides the relative-entropy bias ``log pi_j(a|s)``.
+    ``other`` (frozen) provides the relative-entropy bias ``log pi_j(a|s)``.  ``expert``: the greedy
+    expert's actions at the batch's states; with ``warm`` (the warm start) the policy -- encoder
+    included -- learns by cloning them alone while the critic learns as usual, otherwise they add
+    ``s.expert`` x the cloning loss to the policy loss.
     """
     dev = next(agent.parameters()).device
     state, vec = render_states(images, batch["slice"].to(dev), batch["box"])
@@ -464,8 +493,12 @@ def rac_update(agent: RAC, opts: dict, batch: dict, images: torch.Tensor, s: SAC
     q_loss = 0.5 * (q_pred - q_hat).pow(2).mean()                                    # Eq. 14
     v_loss = 0.5 * (agent.v(feats.detach()).squeeze(1) - (q_new + bonus).detach()).pow(2).mean()   # Eq. 13 / A.5
     pi_loss = -(q_new + bonus).mean()                                               # Eq. 16-17 (+ Eq. 12's terms)
+    ex = torch.zeros((), device=dev)
+    if expert is not None and (warm or s.expert):
+        ex = expert_loss(agent.pi, feats if warm else feats.detach(), expert.to(dev))
+        pi_loss = ex if warm else pi_loss + s.expert * ex
     bc = torch.zeros((), device=dev)
-    if s.imitation:
+    if s.imitation and not warm:
         bc = -agent.pi.log_prob_features(feats.detach(), action).mean()
         pi_loss = pi_loss + s.imitation * bc
     opts["critic"].zero_grad(set_to_none=True)
@@ -474,7 +507,7 @@ def rac_update(agent: RAC, opts: dict, batch: dict, images: torch.Tensor, s: SAC
     opts["critic"].step()
     opts["pi"].step()
 
-    if s.auto_alpha:
+    if s.auto_alpha and not warm:
         a_loss = -(agent.log_alpha * (logp.detach() + s.target_entropy)).mean()
         opts["alpha"].zero_grad(set_to_none=True)
         a_loss.backward()
@@ -489,8 +522,10 @@ def rac_update(agent: RAC, opts: dict, batch: dict, images: torch.Tensor, s: SAC
            "alpha": float(alpha), "entropy": float(-logp.detach().mean())}
     if logp_other is not None:
         out["kl"] = float((logp - logp_other).detach().mean())
-    if s.imitation:
+    if s.imitation and not warm:
         out["bc"] = float(bc.detach())
+    if expert is not None and (warm or s.expert):
+        out["expert"] = float(ex.detach())
     return out
 
 
@@ -553,8 +588,12 @@ class DetectorTrainer:
                  student_lr: float = 1e-4, memory: int = 20000, batch: int = 80, n_envs: int = 8,
                  width: int = 16, features: int = 128, alpha: float = 1.0, alpha_lr: float | None = None,
                  device="cpu", student_settings: SACSettings | None = None, updates: int = 1,
-                 random_starts: float = 0.0):
+                 random_starts: float = 0.0, warm_start: int = 0, strided: int = 4, pool: int = 4):
         self.updates = int(updates)      # gradient rounds per environment step (update-to-data ratio)
+        # rounds of behaviour cloning of the greedy expert before SAC (0 = the paper: SAC from the start).
+        # DAgger-style: the episodes follow the expert with a probability falling from 1 to 0 over these
+        # rounds, else the agent's own policy, so the states cloned are the ones the agent will visit
+        self.warm_start = int(warm_start)
         # share of training episodes that start off the fixed start positions (exploring starts): with
         # fixed starts alone the memory holds few states near a tumour, where the fine moves are learnt
         self.random_starts = float(random_starts)
@@ -565,10 +604,11 @@ class DetectorTrainer:
         self.s_student = student_settings or settings
         self.act_phase, self.imitate_phase = act_phase, imitate_phase
         self.batch, self.n_envs = int(batch), int(n_envs)
-        self.teacher = nn.ModuleList(RAC(width, features, alpha) for _ in range(self.n_agents)).to(self.dev)
+        self.teacher = nn.ModuleList(RAC(width, features, alpha, strided, pool) for _ in range(self.n_agents)).to(self.dev)
         self.student = None
         if imitate_phase is not None:
-            self.student = nn.ModuleList(RAC(width, features, alpha) for _ in range(self.n_agents)).to(self.dev)
+            self.student = nn.ModuleList(RAC(width, features, alpha, strided, pool)
+                                         for _ in range(self.n_agents)).to(self.dev)
         self.memory = nn.ModuleList(ReplayMemory(memory) for _ in range(self.n_agents))
         self.opts = {f"teacher{i}_{k}": o for i, rac in enumerate(self.teacher) for k, o in rac.make_optimizers(lr, alpha_lr).items()}
         if self.student is not None:
@@ -615,8 +655,13 @@ class DetectorTrainer:
         boxes = np.concatenate([centre, side], axis=-1).astype(np.float32).reshape(-1, 4)
         return env.clip(boxes).reshape(a, n, 4)
 
-    def env_step(self) -> float:
-        """Every parallel episode advances one step for every agent; transitions go to the memories."""
+    def warm(self, round_index: int | None) -> bool:
+        return round_index is not None and round_index < self.warm_start
+
+    def env_step(self, round_index: int | None = None) -> float:
+        """Every parallel episode advances one step for every agent; transitions go to the memories.
+
+        During the warm start a share of the episodes' moves (falling from all to none) are the expert's."""
         if self._envs is None:
             self._envs = self._reset(self.n_envs)
         e = self._envs
@@ -630,6 +675,9 @@ class DetectorTrainer:
                 state, vec = render_states(img, sl, torch.from_numpy(boxes))
                 a, _ = rac.pi.sample(state, vec)
             a = a.cpu().numpy()
+            if self.warm(round_index):
+                follow = self.rng.random(len(a)) < 1.0 - round_index / self.warm_start
+                a = np.where(follow[:, None], oracle_actions(boxes, target, self.env), a)
             new = self.env.step(boxes, a)
             r = self.env.reward(vertex_distance(boxes, target), vertex_distance(new, target))
             self.memory[i].push(e["slice"], boxes, a, r, new)
@@ -649,16 +697,21 @@ class DetectorTrainer:
             return {}
         logs = {}
         share = self.n_agents * self.updates
+        warm = self.warm(round_index)
         for i in [i for _ in range(self.updates) for i in range(self.n_agents)]:
             other = (i + 1) % self.n_agents if self.n_agents > 1 else None
             batch = self.memory[i].sample(self.batch, self.rng)
+            expert = None
+            if warm or self.s.expert or self.s_student.expert:
+                expert = torch.from_numpy(oracle_actions(batch["box"].numpy(), self.targets[batch["slice"].numpy()],
+                                                         self.env))
             t = rac_update(self.teacher[i], self._opts_of("teacher", i), batch, self.images[self.act_phase], self.s,
-                           self.teacher[other] if other is not None else None)
+                           self.teacher[other] if other is not None else None, expert, warm)
             for k, v in t.items():
                 logs[f"t_{k}"] = logs.get(f"t_{k}", 0.0) + v / share
             if self.student is not None:
                 st = rac_update(self.student[i], self._opts_of("student", i), batch, self.images[self.imitate_phase],
-                                self.s_student, self.student[other] if other is not None else None)
+                                self.s_student, self.student[other] if other is not None else None, expert, warm)
                 for k, v in st.items():
                     logs[f"s_{k}"] = logs.get(f"s_{k}", 0.0) + v / share
         return logs

@@ -453,9 +453,48 @@ def run_job(ds_root: str, config: dict, job: tuple, device: str, t_start: float,
             "seconds": {f"{k} (seed {seed})": v for k, v in runner.seconds.items()}, "detection": det}
 
 
+def merge_results(paths: list) -> dict:
+    """Several runs of this study on one cohort and config (e.g. the seed runs, then the remaining rows) -> one result."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+
+    def same_config(cfg):      # detector.warm_start was once given in rounds: 700 of 1000 is 0.7
+        d = dict(cfg["detector"])
+        if d.get("warm_start", 0) > 1:
+            d["warm_start"] = d["warm_start"] / d["steps"]
+        return {**cfg, "detector": d}
+
+    for p, part in zip(paths, parts):
+        if part["cohort"] != first["cohort"] or same_config(part["config"]) != same_config(first["config"]):
+            raise SystemExit(f"{p}: another cohort or config than {paths[0]}; not merged")
+    res = {**first, "command": " ; ".join(part["command"] for part in parts), "control": [], "mix": [], "runs": [],
+           "detection": {}, "seed_detection": {}, "seconds": {}, "merged_from": [str(p) for p in paths]}
+    res["seeds"] = first["seeds"] + sorted({s for part in parts for s in part["seeds"]} - set(first["seeds"]))
+    for part in parts:
+        res["control"] += part["control"]
+        res["mix"] += part["mix"]
+        res["runs"] += part["runs"]
+        for k, v in part["detection"].items():
+            res["detection"].setdefault(k, v)
+        for seed, dets in part.get("seed_detection", {}).items():
+            for k, v in dets.items():
+                res["seed_detection"].setdefault(seed, {}).setdefault(k, v)
+        res["seconds"].update({k: v for k, v in part["seconds"].items() if k != "total"})
+        res["complete"] = res.get("complete", True) and part["complete"]
+    res["seconds"]["total"] = round(sum(part["seconds"]["total"] for part in parts), 1)
+    res["control"].sort(key=lambda r: CONTROL_ORDER.index(r["name"]) if r["name"] in CONTROL_ORDER else 99)
+    res["mix"].sort(key=lambda r: (r["name"] != "WSTS", r["name"], r["pixel"], r["box"]))
+    res["runs"].sort(key=lambda r: (r["run"], r["seed"]))
+    n = first["cohort"]["cases"] - first["cohort"]["test"]
+    res["checks"] = must_show_checks(res, n, res["seeds"])
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="work folder (cohort); results go to docs/results/ too")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="only merge earlier results of this study (same cohort and config) into --results/--stem")
+    ap.add_argument("--out", default=None, help="work folder (cohort); results go to docs/results/ too")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes: checks the script runs, numbers mean nothing")
     ap.add_argument("--results", default=str(REPO / "docs" / "results"), help="where to write wsts_experiments.{json,md}")
     ap.add_argument("--device", default="cpu", help="torch device of every run (cpu, cuda)")
@@ -472,6 +511,14 @@ def main(argv=None) -> int:
     ap.add_argument("--stem", default=None, help="file name of the results (default: wsts_experiments)")
     ap.add_argument("--set", default=None, help="JSON merged into the plan's config, e.g. '{\"student\": {\"pseudo\": \"soft\"}}'")
     args = ap.parse_args(argv)
+    if args.merge:
+        res = merge_results(args.merge)
+        stem = args.stem or "wsts_experiments"
+        (Path(args.results) / f"{stem}.json").write_text(json.dumps(res, indent=1, default=float) + "\n")
+        (Path(args.results) / f"{stem}.md").write_text(markdown(res))
+        return 0
+    if not args.out:
+        ap.error("--out is required (except with --merge)")
     torch.set_num_threads(1)
     t_start = time.monotonic()
     plan = copy.deepcopy(SMOKE if args.smoke else FULL)

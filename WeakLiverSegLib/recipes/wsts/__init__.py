@@ -49,7 +49,7 @@ Additions / deviations (all config fields), mostly for a CPU budget:
   that moves the box towards the slice's box label (70 % of the rounds), then SAC takes over with
   the expert's action kept in the policy loss.  0 / 0 is the paper's SAC from the start, which on
   the phantom study's budget reached test IoU 3-7 % (boxes grown over the image); cloned, the DDRL
-  union reaches about 50 % (docs/results/wsts_detectors.md).  Discount 0.9 and student
+  union reaches 24-48 % (mean 36 % over 3 seeds; docs/results/wsts_detectors.md).  Discount 0.9 and student
   learning rate 1e-3 instead of the paper's 0.99 and 1e-4 (short runs); a fixed temperature
   0.05 instead of the paper's 1.0 (an entropy bonus of that size drowns Eq. 11's rewards; tuned
   automatically it collapsed and the boxes shrank to a pixel).

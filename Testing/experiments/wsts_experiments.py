@@ -458,11 +458,11 @@ def merge_results(paths: list) -> dict:
     parts = [json.loads(Path(p).read_text()) for p in paths]
     first = parts[0]
 
-    def same_config(cfg):      # detector.warm_start was once given in rounds: 700 of 1000 is 0.7
+    def same_config(cfg):      # the training seed may differ; detector.warm_start was once given in rounds (700 of 1000: 0.7)
         d = dict(cfg["detector"])
         if d.get("warm_start", 0) > 1:
             d["warm_start"] = d["warm_start"] / d["steps"]
-        return {**cfg, "detector": d}
+        return {**{k: v for k, v in cfg.items() if k != "seed"}, "detector": d}
 
     for p, part in zip(paths, parts):
         if part["cohort"] != first["cohort"] or same_config(part["config"]) != same_config(first["config"]):

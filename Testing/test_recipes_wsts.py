@@ -184,9 +184,9 @@ def test_greedy_expert_reaches_the_tumour_and_each_move_lowers_the_distance():
 
 
 def test_warm_start_clones_the_expert_then_hands_over_to_sac():
-    """The ``warm_start`` share of the rounds: the episodes follow the expert (all its moves at round 0), the policy learns by
-    cloning it and its loss falls; afterwards the updates are SAC's again (no cloning term at ``expert`` 0, the
-    paper's objective; a cloning term beside SAC's at ``expert`` > 0)."""
+    """The ``warm_start`` share of the rounds: the episodes follow the expert (all its moves at round 0), the
+    policy learns by cloning it and its loss falls; afterwards the updates are SAC's again (no cloning term at
+    ``expert`` 0, the paper's objective; a cloning term beside SAC's at ``expert`` > 0)."""
     from WeakLiverSegLib.recipes import wsts
 
     rng = np.random.default_rng(0)

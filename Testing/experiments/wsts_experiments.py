@@ -60,7 +60,7 @@ FULL = {
         "spacing_mm": 2.25, "context": 0,
         "network": {"stem": 8, "growth": 6, "layers": 2, "levels": 3},
         # the RL grid is the working grid (64 px): on a 32-px grid the phantom tumours are 1-5 px boxes and
-        # the cloned detectors reached IoU 0.36 instead of 0.52 (docs/results/wsts_detectors.md)
+        # cloned detectors reached IoU 0.36 instead of 0.52 (docs/results/wsts_detectors_diagnostics.md)
         "detector": {"size": 64, "steps": 1000, "envs": 8, "batch": 48, "memory": 20000, "width": 16, "features": 128},
         "usse": {"steps": 600, "batch": 8},
         "student": {"steps": 1200, "batch": 8},

@@ -470,12 +470,16 @@ def merge_results(paths: list) -> dict:
     res = {**first, "command": " ; ".join(part["command"] for part in parts), "control": [], "mix": [], "runs": [],
            "detection": {}, "seed_detection": {}, "seconds": {}, "merged_from": [str(p) for p in paths]}
     res["seeds"] = first["seeds"] + sorted({s for part in parts for s in part["seeds"]} - set(first["seeds"]))
-    for part in parts:
-        res["control"] += part["control"]
-        res["mix"] += part["mix"]
+    for part in parts:      # the tables show the first seed; a part run with another seed feeds the seed tables only
+        res["control"] += [r for r in part["control"] if r["seed"] == res["seeds"][0]]
+        res["mix"] += [r for r in part["mix"] if r["seed"] == res["seeds"][0]]
         res["runs"] += part["runs"]
+        own = part["seeds"][0]
         for k, v in part["detection"].items():
-            res["detection"].setdefault(k, v)
+            if own == res["seeds"][0]:
+                res["detection"].setdefault(k, v)
+            else:
+                res["seed_detection"].setdefault(str(own), {}).setdefault(k, v)
         for seed, dets in part.get("seed_detection", {}).items():
             for k, v in dets.items():
                 res["seed_detection"].setdefault(seed, {}).setdefault(k, v)

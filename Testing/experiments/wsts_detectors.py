@@ -51,14 +51,6 @@ VARIANTS = {
 }
 
 
-def measure(det, cases, cfg, device) -> dict:
-    env = wsts.box_env(cfg)
-    out = {"teacher": wsts.detection_iou(det.policies("teacher"), cases, det.act_phase, env, device)}
-    if det.student is not None:
-        out["student"] = wsts.detection_iou(det.policies("student"), cases, det.imitate_phase, env, device)
-    return out
-
-
 def run_variant(ds_root: str, config: dict, name: str, overrides: dict, seed: int, eval_every: int, device: str,
                 t_start: float) -> dict:
     torch.set_num_threads(1)
@@ -79,13 +71,13 @@ def run_variant(ds_root: str, config: dict, name: str, overrides: dict, seed: in
     for step in range(steps):
         wsts.detector_round(det, cfg, step, steps)
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            m = measure(det, test_cases, cfg, device)
+            m = study.detection(det, test_cases, cfg, device)
             curve.append({"round": step + 1, **{f"{r}_{k}": m[r][k] for r in m for k in ("iou", "recall")}})
             print(f"[{time.monotonic() - t_start:6.0f}s] {name} seed {seed} round {step + 1}: "
                   + " ".join(f"{k}={v:.3f}" for k, v in curve[-1].items() if k != "round"), flush=True)
     seconds = round(time.monotonic() - t0, 1)
-    final = measure(det, test_cases, cfg, device)
-    train_m = measure(det, cases, cfg, device)
+    final = study.detection(det, test_cases, cfg, device)
+    train_m = study.detection(det, cases, cfg, device)
     return {"variant": name, "seed": int(seed), "overrides": overrides, "test": final, "train": train_m,
             "curve": curve, "seconds": seconds}
 

@@ -171,9 +171,9 @@ def eval_self_ensembling(stages, test, cfg, phase) -> dict:
     return {"cases": per, "summary": summarize(per)}
 
 
-def detection(det, test, cfg, device="cpu") -> dict:
+def detection(det, cases, cfg, device="cpu") -> dict:
+    """IoU / recall of the detector's teacher (its acting phase) and student (its imitating phase) on the cases."""
     env = wsts.box_env(cfg)
-    cases = [t[0] for t in test]
     out = {"teacher": wsts.detection_iou(det.policies("teacher"), cases, det.act_phase, env, device)}
     if det.student is not None:
         out["student"] = wsts.detection_iou(det.policies("student"), cases, det.imitate_phase, env, device)
@@ -442,7 +442,7 @@ def run_job(ds_root: str, config: dict, job: tuple, device: str, t_start: float,
     result = fn(*args, **kwargs)
     det = {}
     for key, d in runner.detectors.items():
-        r = detection(d, test, cfg, device)
+        r = detection(d, [t[0] for t in test], cfg, device)
         for role in r:
             r[role]["phase"] = d.act_phase if role == "teacher" else d.imitate_phase
         det[key] = r
